@@ -1,0 +1,53 @@
+// Every C++ op's schema, in one place. Kernels are registered per device elsewhere:
+//   csrc/cpu_ops.cpp              TORCH_LIBRARY_IMPL(fastbert, CPU, m)
+//   csrc/cuda_bindings/*.cpp      TORCH_LIBRARY_IMPL(fastbert, CUDA, m)   (CUDA builds only)
+// Fake (meta) kernels and the autograd wiring live on the Python side, in fastbert/ops/<op>.py.
+//
+// Conventions shared by every backend (the Triton ops registered from Python use the same ones):
+// - 2-D activations are [rows, N] with unit stride along N; the Python front end flattens.
+// - dropout: a counter-based Philox4x32-10 stream keyed by the int64 `seed` tensor (shape [1], on the
+//   input's device); element with linear index `offset` is kept iff (philox(seed, offset) >> 1) >=
+//   floor(p * 2^31). fastbert/reference.py defines it bit for bit (`philox_uint32`).
+// - an output that does not apply is returned as an empty tensor of shape [0].
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastbert, m) {
+  // LayerNorm(dropout(x + x_bias) + residual) over the last dim; mean/rstd are fp32 [rows].
+  m.def(
+      "add_layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? x_bias, "
+      "float eps, float dropout_p, Tensor? seed) -> (Tensor out, Tensor mean, Tensor rstd)");
+  // grad_pre: gradient w.r.t. the pre-norm sum (= grad of residual; = grad of x when dropout_p == 0).
+  // grad_x: [0] when dropout_p == 0. grad_bias: [0] when bias is None. grad_x_bias: [0] when x_bias is None.
+  m.def(
+      "add_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
+      "Tensor? x_bias, Tensor mean, Tensor rstd, float dropout_p, Tensor? seed) -> "
+      "(Tensor grad_pre, Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_x_bias)");
+
+  // gelu(x + bias); approximate is "none" (erf) or "tanh".
+  m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  // Gradient w.r.t. x (and, summed over rows, w.r.t. bias).
+  m.def("bias_gelu_bwd(Tensor grad_out, Tensor x, Tensor? bias, str approximate) -> Tensor");
+
+  // gelu(x @ weight^T + bias); pre = x @ weight^T + bias when save_pre, else [0].
+  m.def(
+      "linear_gelu_fwd(Tensor x, Tensor weight, Tensor? bias, str approximate, bool save_pre) -> "
+      "(Tensor out, Tensor pre)");
+  m.def(
+      "linear_gelu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor pre, "
+      "str approximate) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  // softmax(q k^T * scale + mask) v. Padded: q [B, Sq, H, D], k/v [B, Sk, H, D] (strided views, unit
+  // stride along D), lse fp32 [B, H, Sq]. Packed (cu_seqlens int32 [B+1]): q/k/v [total, H, D],
+  // lse fp32 [H, total]. key_padding_mask: bool [B, Sk], True = real token. attn_bias: float,
+  // broadcast (stride-0) view of shape [B, H, Sq, Sk]. A query row with no valid key gets out = 0 and
+  // lse = +inf. Dropout offset of score (b, h, i, j): ((b * H + h) * Sq + i) * Sk + j (Sq = Sk =
+  // max_seqlen when packed).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_bias, "
+      "Tensor? cu_seqlens, int max_seqlen, bool causal, float scale, float dropout_p, Tensor? seed) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, Tensor? attn_bias, Tensor? cu_seqlens, int max_seqlen, bool causal, "
+      "float scale, float dropout_p, Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}

@@ -1,0 +1,5 @@
+"""fastbert's fused ops. Each public function checks its arguments, chooses a backend (the one place
+that does: see fastbert.backends) and runs it under an autograd Function."""
+from fastbert.ops.layer_norm import add_layer_norm
+
+__all__ = ["add_layer_norm"]

@@ -1,0 +1,120 @@
+"""Shared plumbing of the op front ends: argument checks, output allocation, kernel lookup."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from fastbert import backends
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Which fastbert/triton/<module>.py holds an op's Triton kernels.
+_TRITON_MODULE = {
+    "add_layer_norm": "layer_norm",
+    "bias_gelu": "ffn",
+    "linear_gelu": "ffn",
+    "attention": "attention",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks: TypeError for the wrong kind of thing, ValueError for the wrong shape/value
+# ----------------------------------------------------------------------------------------------
+def check_tensor(name: str, t, *, op: str, ndim: Optional[Iterable[int]] = None,
+                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, optional: bool = False) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"fastbert.ops.{op}: {name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastbert.ops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes and t.dtype not in dtypes:
+        raise TypeError(f"fastbert.ops.{op}: {name} has dtype {t.dtype}; expected one of "
+                        + ", ".join(str(d) for d in dtypes))
+    if ndim is not None:
+        ndim = tuple(ndim)
+        if t.dim() not in ndim:
+            want = " or ".join(str(n) for n in ndim)
+            raise ValueError(f"fastbert.ops.{op}: {name} must have {want} dims, got shape {tuple(t.shape)}")
+
+
+def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"fastbert.ops.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_float(op: str, name: str, value, *, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastbert.ops.{op}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"fastbert.ops.{op}: {name} must be in {lb}{lo}, {hi}{rb}, got {value}")
+    return value
+
+
+def check_approximate(op: str, approximate) -> str:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"fastbert.ops.{op}: approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
+    return approximate
+
+
+# ----------------------------------------------------------------------------------------------
+# output allocation
+# ----------------------------------------------------------------------------------------------
+def poison_enabled() -> bool:
+    """FASTBERT_POISON_OUTPUTS=1 makes every kernel output start as NaN (0x7f.. for integers), so a
+    test catches an element a kernel forgot to write. The C++ backends read the same variable."""
+    return os.environ.get("FASTBERT_POISON_OUTPUTS", "0") == "1"
+
+
+def new_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-poisoned under FASTBERT_POISON_OUTPUTS=1. Use for every kernel output."""
+    if poison_enabled():
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        if dtype == torch.bool:
+            return torch.ones(shape, dtype=dtype, device=device)
+        return torch.full(shape, 0x7F, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels per backend
+# ----------------------------------------------------------------------------------------------
+def kernel(backend: str, op: str, name: str):
+    """The torch.ops callable implementing kernel `name` (e.g. "add_layer_norm_fwd") of public op `op`
+    on `backend` ("triton", "cuda" or "cpu"). Triton kernels are registered as fastbert::triton_<name>
+    by the op module; the cpu/cuda ones are the C++ ops of fastbert._C."""
+    if backend == "triton":
+        return getattr(torch.ops.fastbert, "triton_" + name)
+    if backend in ("cpu", "cuda"):
+        backends.extension_status()
+        return getattr(torch.ops.fastbert, name)
+    raise ValueError(f"no kernel table for backend {backend!r}")
+
+
+def triton_module(op: str):
+    """Import fastbert/triton/<module>.py lazily, so `import fastbert` never imports triton."""
+    return importlib.import_module(f"fastbert.triton.{_TRITON_MODULE[op]}")
+
+
+def register_fake_both(name: str, fake) -> None:
+    """Register `fake` as the meta kernel of fastbert::triton_<name> and, when fastbert._C is loaded,
+    of its C++ twin fastbert::<name> (same schema, same output shapes)."""
+    torch.library.register_fake(f"fastbert::triton_{name}")(fake)
+    if backends.extension_status()[0] and hasattr(torch.ops.fastbert, name):
+        torch.library.register_fake(f"fastbert::{name}")(fake)
+
+
+def cpp_kernels(*names: str):
+    """The C++ kernel names an op needs from the cpu and cuda backends (for Dispatcher(kernels=...))."""
+    return {"cpu": names, "cuda": names}

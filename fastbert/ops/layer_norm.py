@@ -1,0 +1,158 @@
+"""add_layer_norm: LayerNorm(dropout(x + x_bias) + residual), the epilogue of BertSelfOutput/BertOutput.
+
+The dispatch point of the op and its autograd Function. Backends: triton (fastbert/triton/layer_norm.py,
+registered below as fastbert::triton_add_layer_norm_{fwd,bwd}), cpu/cuda (fastbert._C, schemas in
+csrc/ops.cpp), torch (fastbert/reference.py under autograd).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from fastbert import backends, reference
+from fastbert.ops import _common as C
+
+OP = "add_layer_norm"
+MAX_HIDDEN = 8192
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels as torch ops (custom_op + register_fake: opcheck and torch.compile trace them)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastbert::triton_add_layer_norm_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                residual: Optional[torch.Tensor], x_bias: Optional[torch.Tensor], eps: float,
+                dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return C.triton_module(OP).add_layer_norm_fwd(x, weight, bias, residual, x_bias, eps, dropout_p, seed)
+
+
+@torch.library.custom_op("fastbert::triton_add_layer_norm_bwd", mutates_args=())
+def _triton_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                residual: Optional[torch.Tensor], x_bias: Optional[torch.Tensor], mean: torch.Tensor,
+                rstd: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return C.triton_module(OP).add_layer_norm_bwd(grad_out, x, weight, bias, residual, x_bias, mean, rstd,
+                                                  dropout_p, seed)
+
+
+def _fwd_fake(x, weight, bias, residual, x_bias, eps, dropout_p, seed):
+    rows = x.shape[0]
+    return (x.new_empty(x.shape), x.new_empty((rows,), dtype=torch.float32),
+            x.new_empty((rows,), dtype=torch.float32))
+
+
+def _bwd_fake(grad_out, x, weight, bias, residual, x_bias, mean, rstd, dropout_p, seed):
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(x.shape if dropout_p > 0 else (0,)),
+        weight.new_empty(weight.shape),
+        weight.new_empty(bias.shape if bias is not None else (0,)),
+        x.new_empty((0,)) if x_bias is None else x_bias.new_empty(x_bias.shape),
+    )
+
+
+C.register_fake_both("add_layer_norm_fwd", _fwd_fake)
+C.register_fake_both("add_layer_norm_bwd", _bwd_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+def _kernel_check(x, weight, **_) -> List[str]:
+    why = []
+    if x.dtype not in C.KERNEL_DTYPES:
+        why.append(f"dtype {x.dtype} (kernels take float16, bfloat16, float32)")
+    if x.shape[-1] > MAX_HIDDEN:
+        why.append(f"hidden size {x.shape[-1]} > {MAX_HIDDEN}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        why.append(f"weight dtype {weight.dtype} is neither x's dtype nor float32")
+    return why
+
+
+DISPATCH = backends.Dispatcher(
+    OP,
+    kernels=C.cpp_kernels("add_layer_norm_fwd", "add_layer_norm_bwd"),
+    checks={"triton": _kernel_check, "cuda": _kernel_check, "cpu": _kernel_check},
+)
+
+
+class _AddLayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, x_bias, eps, dropout_p, seed, backend):
+        out, mean, rstd = C.kernel(backend, OP, "add_layer_norm_fwd")(
+            x, weight, bias, residual, x_bias, eps, dropout_p, seed)
+        ctx.save_for_backward(x, weight, bias, residual, x_bias, mean, rstd, seed)
+        ctx.dropout_p = dropout_p
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, residual, x_bias, mean, rstd, seed = ctx.saved_tensors
+        g_pre, g_x, g_w, g_b, g_xb = C.kernel(ctx.backend, OP, "add_layer_norm_bwd")(
+            grad_out.contiguous(), x, weight, bias, residual, x_bias, mean, rstd, ctx.dropout_p, seed)
+        if ctx.dropout_p == 0.0:
+            g_x = g_pre
+        need = ctx.needs_input_grad
+        return (
+            g_x if need[0] else None,
+            g_w if need[1] else None,
+            g_b if (bias is not None and need[2]) else None,
+            g_pre if (residual is not None and need[3]) else None,
+            g_xb if (x_bias is not None and need[4]) else None,
+            None, None, None, None,
+        )
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    residual: Optional[torch.Tensor] = None,
+    x_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-12,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, in one pass.
+
+    x, residual: [..., N], same shape and dtype (float16, bfloat16, float32; float64 runs on the
+    torch backend). weight, bias, x_bias: [N], x's dtype or float32. Statistics are computed in fp32.
+    dropout_p > 0 applies dropout (seeded from torch's generator for x's device; the backward pass
+    regenerates the same mask). Returns a tensor of x's shape and dtype.
+    """
+    op = OP
+    C.check_tensor("x", x, op=op)
+    if x.dim() < 1:
+        raise ValueError(f"fastbert.ops.{op}: x must have at least 1 dim, got a scalar")
+    n = x.shape[-1]
+    C.check_tensor("weight", weight, op=op, ndim=(1,))
+    C.check_tensor("bias", bias, op=op, ndim=(1,), optional=True)
+    C.check_tensor("residual", residual, op=op, optional=True)
+    C.check_tensor("x_bias", x_bias, op=op, ndim=(1,), optional=True)
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        if t is not None and t.shape[0] != n:
+            raise ValueError(f"fastbert.ops.{op}: {name} has shape {tuple(t.shape)}, expected ({n},) to match x's last dim")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"fastbert.ops.{op}: residual has shape {tuple(residual.shape)}, expected x's shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"fastbert.ops.{op}: residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"fastbert.ops.{op}: bias has dtype {bias.dtype}, expected weight's dtype {weight.dtype}")
+    C.check_same_device(op, "x", x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
+    eps = C.check_float(op, "eps", eps, lo=0.0, hi=float("inf"), lo_open=True)
+    dropout_p = C.check_float(op, "dropout_p", dropout_p, lo=0.0, hi=1.0)
+
+    decision = DISPATCH.choose(x.device, x=x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
+    seed = reference.make_seed(x.device) if dropout_p > 0.0 else None
+    if decision.backend == "torch" or x.numel() == 0:
+        return reference.add_layer_norm(x, weight, bias, residual=residual, x_bias=x_bias, eps=eps,
+                                        dropout_p=dropout_p, seed=seed)
+    x2 = x.reshape(-1, n).contiguous()
+    r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
+    out = _AddLayerNormFn.apply(x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2,
+                                x_bias.contiguous() if x_bias is not None else None, eps, dropout_p, seed,
+                                decision.backend)
+    return out.reshape(x.shape)

@@ -1,0 +1,88 @@
+"""Build fastbert and its one C++ extension, fastbert._C.
+
+The C++ sources (op schemas, the CPU backend) are always built. The CUDA sources (csrc/cuda/*.cu and
+the CUDA bindings) are added only where torch is a CUDA build and nvcc is found, unless
+FASTBERT_SKIP_CUDA_BUILD=1. Without a C++ compiler or with FASTBERT_SKIP_EXTENSION=1 the package
+installs without _C and runs on the Triton and torch backends (`fastbert.explain()` says so).
+
+Switches (environment variables):
+  FASTBERT_SKIP_CUDA_BUILD=1   build the CPU part of _C only
+  FASTBERT_SKIP_EXTENSION=1    build no extension at all
+  FASTBERT_CUDA_ARCHS          semicolon-separated SM list, default "80;90a"
+  MAX_JOBS                     parallel compile jobs (read by torch's ninja builder)
+
+Build with `pip install --no-build-isolation -e .` so that the installed torch is the one built against.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_arch_flags(archs):
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def _extensions():
+    if _env_flag("FASTBERT_SKIP_EXTENSION"):
+        print("fastbert: FASTBERT_SKIP_EXTENSION=1, building no extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        print(f"fastbert: torch is not importable ({e}); building no extension. "
+              "Install torch first, then `pip install --no-build-isolation -e .`", file=sys.stderr)
+        return [], {}
+
+    def rel(paths):
+        return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+    cpp_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cuda_bindings = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda_bindings", "*.cpp")))
+    cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+
+    nvcc = shutil.which("nvcc") or (os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None)
+    want_cuda = not _env_flag("FASTBERT_SKIP_CUDA_BUILD")
+    if want_cuda and torch.version.cuda is None:
+        print("fastbert: torch is a CPU build; building the CPU part of fastbert._C only", file=sys.stderr)
+        want_cuda = False
+    if want_cuda and not (nvcc and os.path.exists(nvcc)):
+        print("fastbert: nvcc not found; building the CPU part of fastbert._C only", file=sys.stderr)
+        want_cuda = False
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFASTBERT_WITH_CUDA=%d" % int(want_cuda)]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if want_cuda:
+        archs = os.environ.get("FASTBERT_CUDA_ARCHS", "80;90a")
+        # no --use_fast_math: it swaps erf/exp/division for approximations, and fastbert is exact
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+                      "-DFASTBERT_WITH_CUDA=1"] + _cuda_arch_flags(archs)
+        ext = CUDAExtension(
+            "fastbert._C",
+            sources=cpp_sources + cuda_bindings + cuda_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    else:
+        ext = CppExtension("fastbert._C", sources=cpp_sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx_flags})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,79 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import backends
+
+
+def test_import_is_light():
+    code = ("import sys, fastbert; "
+            "assert 'triton' not in sys.modules, 'triton imported by import fastbert'; "
+            "fastbert.explain(); "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    env = {k: v for k, v in os.environ.items() if k != "FASTBERT_BACKEND"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_use_backend_nests_and_validates():
+    assert backends.forced_backend() is None
+    with fastbert.use_backend("torch"):
+        assert backends.forced_backend() == "torch"
+        with fastbert.use_backend("cpu"):
+            assert backends.forced_backend() == "cpu"
+        with fastbert.use_backend(None):
+            assert backends.forced_backend() is None
+        assert backends.forced_backend() == "torch"
+    assert backends.forced_backend() is None
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        with fastbert.use_backend("nope"):
+            pass
+
+
+def test_env_var_forces(monkeypatch):
+    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    assert backends.forced_backend() == "torch"
+    monkeypatch.setenv("FASTBERT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTBERT_BACKEND"):
+        backends.forced_backend()
+    monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+    assert backends.forced_backend() is None
+
+
+def test_forced_backend_that_cannot_serve_lists_every_reason():
+    d = backends.Dispatcher("toy", checks={"cpu": lambda **kw: ["toy inputs are not supported"]})
+    with fastbert.use_backend("cuda"):
+        with pytest.raises(backends.BackendUnavailableError) as ei:
+            d.choose(torch.device("cpu"))
+    msg = str(ei.value)
+    for b in backends.BACKENDS:
+        assert f"  {b}:" in msg
+    assert "cuda tensors, got cpu tensors" in msg
+
+
+def test_unforced_falls_back_and_records_why():
+    d = backends.Dispatcher("toy2", checks={"cpu": lambda **kw: ["toy reason"]})
+    dec = d.choose(torch.device("cpu"))
+    assert dec.backend == "torch" and not dec.forced
+    rejected = dict(dec.rejected)
+    assert "cpu" in rejected
+    assert "toy2: torch" in fastbert.explain()
+
+
+def test_triton_on_cpu_only_when_forced():
+    dev = torch.device("cpu")
+    if not backends.triton_status()[0]:
+        pytest.skip("triton not installed")
+    unforced = backends.device_reasons("triton", dev)
+    assert unforced, "triton must not serve CPU tensors unless forced"
+    forced = backends.device_reasons("triton", dev, forced=True)
+    assert (forced == []) == backends.triton_interpreter()
+
+
+def test_explain_reports_environment():
+    text = fastbert.explain()
+    assert "triton:" in text and "_C:" in text and "cpu:" in text
