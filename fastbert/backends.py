@@ -123,14 +123,24 @@ def extension_has_cuda() -> bool:
     return bool(getattr(_C, "WITH_CUDA", 0))
 
 
+_kernel_cache: Dict[Tuple[str, str], bool] = {}
+
+
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether torch.ops.fastbert.<op> exists and has a kernel for `dispatch_key` ("CPU"/"CUDA")."""
-    if not extension_status()[0]:
-        return False
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}", dispatch_key))
-    except RuntimeError:  # the schema itself is not registered
-        return False
+    """Whether torch.ops.fastbert.<op> exists and has a kernel for `dispatch_key` ("CPU"/"CUDA").
+    Registrations happen when fastbert._C is imported and do not change afterwards, so the answer is
+    cached (and is a constant to torch.compile, which would otherwise break the graph here)."""
+    key = (op, dispatch_key)
+    if key not in _kernel_cache:
+        ok = False
+        if extension_status()[0]:
+            try:
+                ok = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}", dispatch_key))
+            except RuntimeError:  # the schema itself is not registered
+                ok = False
+        _kernel_cache[key] = ok
+    return _kernel_cache[key]
 
 
 def device_reasons(backend: str, device: torch.device, kernels: Sequence[str] = (), forced: bool = False) -> List[str]:
