@@ -104,6 +104,7 @@ def extension_status() -> Tuple[bool, str]:
             from fastbert import _C
 
             kind = "with CUDA" if getattr(_C, "WITH_CUDA", 0) else "CPU only (no CUDA kernels in this build)"
+            _scan_kernels()
             _cache["ext"] = (True, f"fastbert._C built {kind}")
         except Exception as e:
             _cache["ext"] = (
@@ -123,24 +124,25 @@ def extension_has_cuda() -> bool:
     return bool(getattr(_C, "WITH_CUDA", 0))
 
 
+# (op, dispatch key) -> has a kernel; filled once when fastbert._C is imported (registrations do not
+# change afterwards), so that dispatch inside torch.compile'd code is plain dict lookups, not a
+# pybind call that would break the graph.
 _kernel_cache: Dict[Tuple[str, str], bool] = {}
 
 
-@torch.compiler.assume_constant_result
+def _scan_kernels() -> None:
+    for name in torch._C._dispatch_get_all_op_names():
+        if name.startswith("fastbert::") and not name.startswith("fastbert::triton_"):
+            op = name.split("::", 1)[1].split(".", 1)[0]
+            for key in ("CPU", "CUDA"):
+                _kernel_cache[(op, key)] = bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether torch.ops.fastbert.<op> exists and has a kernel for `dispatch_key` ("CPU"/"CUDA").
-    Registrations happen when fastbert._C is imported and do not change afterwards, so the answer is
-    cached (and is a constant to torch.compile, which would otherwise break the graph here)."""
-    key = (op, dispatch_key)
-    if key not in _kernel_cache:
-        ok = False
-        if extension_status()[0]:
-            try:
-                ok = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastbert::{op}", dispatch_key))
-            except RuntimeError:  # the schema itself is not registered
-                ok = False
-        _kernel_cache[key] = ok
-    return _kernel_cache[key]
+    """Whether torch.ops.fastbert.<op> exists and has a kernel for `dispatch_key` ("CPU"/"CUDA")."""
+    if not extension_status()[0]:
+        return False
+    return _kernel_cache.get((op, dispatch_key), False)
 
 
 def device_reasons(backend: str, device: torch.device, kernels: Sequence[str] = (), forced: bool = False) -> List[str]:

@@ -77,3 +77,15 @@ def test_triton_on_cpu_only_when_forced():
 def test_explain_reports_environment():
     text = fastbert.explain()
     assert "triton:" in text and "_C:" in text and "cpu:" in text
+
+
+def test_dispatch_traces_under_torch_compile_fullgraph():
+    # The dispatcher runs inside compiled code: it must not break the graph.
+    def f(x, w, b, r):
+        with fastbert.use_backend("torch"):
+            return fastbert.ops.add_layer_norm(x, w, b, residual=r) * 2
+
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    g = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(g(x, w, b, r), f(x, w, b, r))
