@@ -1,0 +1,330 @@
+"""Triton kernels of add_layer_norm: LayerNorm(dropout(x + x_bias) + residual) over the last dim.
+
+Layout and conventions are those of the C++ schemas in csrc/ops.cpp: x/residual [rows, N] with unit
+stride along N, weight/bias/x_bias [N] (weight may be fp32 while x is fp16/bf16), mean/rstd fp32
+[rows]. Dropout is the Philox stream of fastbert/reference.py: element (row, col) has counter
+row * N + col and is kept iff (philox(seed, counter) >> 1) >= floor(p * 2^31), which is exactly
+`tl.randint(seed, counter) >> 1` for an int64 counter (Triton splits it into lo/hi 32-bit words the
+same way the reference does).
+
+Everything between the loads and the final store is fp32: the pre-norm sum, the statistics and the
+normalisation, so fp16/bf16 inputs are rounded once, on output.
+
+Backward math (one row; N elements; w = weight, g = grad_out, mu = mean, r = rstd):
+
+    h      = dropout(x + x_bias) + residual                  (the pre-norm sum, recomputed)
+    xhat_j = (h_j - mu) * r,   y_j = xhat_j * w_j + b_j
+    mu     = (1/N) sum_j h_j,  r = (var + eps)^(-1/2),  var = (1/N) sum_j (h_j - mu)^2
+
+  With gy_j = g_j * w_j (the gradient reaching xhat):
+    d mu / d h_i   = 1/N
+    d var / d h_i  = (2/N)(h_i - mu)            (the d mu terms sum to zero)
+    d r  / d h_i   = -1/2 (var + eps)^(-3/2) * d var / d h_i = -r^3 (h_i - mu) / N = -r^2 xhat_i / N
+    d xhat_j / d h_i = r * (delta_ij - 1/N) + (h_j - mu) * d r / d h_i
+                     = r * (delta_ij - 1/N - xhat_j * xhat_i / N)
+  so
+    dh_i = sum_j gy_j * d xhat_j / d h_i
+         = r * (gy_i - mean_j(gy_j) - xhat_i * mean_j(gy_j * xhat_j))
+
+  grad_pre = dh (it is also grad_residual); grad_x = dh * keep * 1/(1-p) (= dh without dropout);
+  grad_x_bias = sum over rows of grad_x; grad_weight = sum over rows of g * xhat; grad_bias = sum
+  over rows of g. The three column sums are reduced deterministically: each backward program owns a
+  contiguous block of rows and writes its fp32 partial sums to one row of a [programs, N] buffer,
+  and the host sums that buffer over programs (fixed order, no atomics).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert import reference
+from fastbert.ops._common import new_empty
+
+MAX_N = 8192
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _add_layer_norm_fwd_kernel(
+    X,  # [rows, N] input (the sublayer output), x.dtype
+    RES,  # [rows, N] residual, x.dtype (dummy when not HAS_RES)
+    W,  # [N] LayerNorm weight, x.dtype or fp32
+    B,  # [N] LayerNorm bias, weight's dtype (dummy when not HAS_B)
+    XB,  # [N] bias added to x before dropout (dummy when not HAS_XB)
+    SEED,  # [1] int64 dropout seed, read on device (dummy when not HAS_DROPOUT)
+    OUT,  # [rows, N] output, x.dtype
+    MEAN,  # [rows] fp32 mean of the pre-norm sum, saved for backward
+    RSTD,  # [rows] fp32 1/sqrt(var + eps), saved for backward
+    N,  # hidden size (row length)
+    eps,  # LayerNorm epsilon
+    drop_threshold,  # floor(p * 2^31): a 31-bit random value below it drops the element
+    drop_scale,  # 1 / (1 - p), applied to kept elements
+    HAS_RES: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_XB: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # next power of two >= N; lanes >= N are masked
+):
+    # one program per row; int64 row offset so rows * N may exceed 2^31
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    base = row * N
+
+    h = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_XB:
+        h += tl.load(XB + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        r31 = (tl.randint(seed, base + cols) >> 1).to(tl.int32)
+        h = tl.where(r31 >= drop_threshold, h * drop_scale, 0.0)
+    if HAS_RES:
+        h += tl.load(RES + base + cols, mask=mask, other=0.0).to(tl.float32)
+
+    # two-pass statistics over the row held in registers (masked lanes are 0 in h and in diff)
+    mean = tl.sum(h, axis=0) / N
+    diff = tl.where(mask, h - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+    y = diff * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + base + cols, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(
+    DY,  # [rows, N] gradient of the output, x.dtype
+    X,  # [rows, N] forward input x
+    RES,  # [rows, N] forward residual (dummy when not HAS_RES)
+    W,  # [N] LayerNorm weight
+    XB,  # [N] x_bias (dummy when not HAS_XB)
+    SEED,  # [1] int64 dropout seed of the forward pass (dummy when not HAS_DROPOUT)
+    MEAN,  # [rows] fp32 saved mean
+    RSTD,  # [rows] fp32 saved rstd
+    DPRE,  # [rows, N] out: gradient of the pre-norm sum (= grad of residual), x.dtype
+    DX,  # [rows, N] out: gradient of x under dropout (dummy when not HAS_DROPOUT)
+    DW_PART,  # [programs, N] fp32 out: this program's partial sum of dy * xhat
+    DB_PART,  # [programs, N] fp32 out: partial sum of dy (dummy when not HAS_B)
+    DXB_PART,  # [programs, N] fp32 out: partial sum of grad_x (dummy when not HAS_XB)
+    rows,  # number of rows
+    N,  # hidden size
+    rows_per_prog,  # rows handled by each program (the last one may get fewer)
+    drop_threshold,  # as in the forward kernel
+    drop_scale,  # as in the forward kernel
+    HAS_RES: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_XB: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_XB:
+        xb = tl.load(XB + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    # column sums of this program's rows, kept in fp32 registers
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dxb_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    row_start = pid.to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, rows)
+    for row in range(row_start, row_end):
+        base = row * N
+        # recompute the pre-norm sum exactly as the forward pass did (same fp32 ops, same mask)
+        h = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_XB:
+            h += xb
+        if HAS_DROPOUT:
+            keep = (tl.randint(seed, base + cols) >> 1).to(tl.int32) >= drop_threshold
+            h = tl.where(keep, h * drop_scale, 0.0)
+        if HAS_RES:
+            h += tl.load(RES + base + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+
+        dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
+        gy = dy * w  # 0 in masked lanes, since dy and w are
+        c1 = tl.sum(gy, axis=0) / N
+        c2 = tl.sum(gy * xhat, axis=0) / N
+        dh = (gy - c1 - xhat * c2) * rstd
+        tl.store(DPRE + base + cols, dh.to(DPRE.dtype.element_ty), mask=mask)
+
+        dw_acc += dy * xhat
+        if HAS_B:
+            db_acc += dy
+        if HAS_DROPOUT:
+            dx = tl.where(keep, dh * drop_scale, 0.0)
+            tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        else:
+            dx = dh
+        if HAS_XB:
+            dxb_acc += tl.where(mask, dx, 0.0)
+
+    part = pid.to(tl.int64) * N
+    tl.store(DW_PART + part + cols, dw_acc, mask=mask)
+    if HAS_B:
+        tl.store(DB_PART + part + cols, db_acc, mask=mask)
+    if HAS_XB:
+        tl.store(DXB_PART + part + cols, dxb_acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_warps(block_n: int) -> int:
+    # about 8 elements per thread (16-byte vector loads at fp16/bf16) up to 16 warps; the
+    # interpreter ignores warps, so this is the one config there too
+    return max(1, min(16, block_n // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_programs(rows: int, device: torch.device) -> int:
+    """How many programs share the backward rows. Enough to fill the GPU a few times over; under the
+    interpreter a handful, so the partial-sum reduction is still exercised across programs."""
+    if device.type == "cuda" and not _interpreting():
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    return max(1, min(rows, target))
+
+
+def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor], device: torch.device):
+    if dropout_p <= 0.0:
+        return False, 0, 1.0
+    if seed is None:
+        raise ValueError("add_layer_norm: seed must be an int64 tensor of shape [1] when dropout_p > 0")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"add_layer_norm: seed must be an int64 tensor of shape [1], got {seed.dtype} {tuple(seed.shape)}")
+    if seed.device != device:
+        raise ValueError(f"add_layer_norm: seed is on {seed.device} but x is on {device}")
+    return True, reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def _check_2d(name: str, t: Optional[torch.Tensor], shape) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"add_layer_norm: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"add_layer_norm: {name} must be contiguous")
+
+
+def _check_inputs(x, weight, bias, residual, x_bias):
+    if x.dim() != 2:
+        raise ValueError(f"add_layer_norm: x must be [rows, N], got shape {tuple(x.shape)}")
+    rows, n = x.shape
+    if n > MAX_N:
+        raise ValueError(f"add_layer_norm: hidden size {n} > {MAX_N}")
+    _check_2d("x", x, (rows, n))
+    _check_2d("residual", residual, (rows, n))
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        _check_2d(name, t, (n,))
+    return rows, n
+
+
+def _device_guard(x: torch.Tensor):
+    # Triton launches on the current CUDA device: make it x's
+    if x.is_cuda:
+        return torch.cuda.device(x.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def add_layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       residual: Optional[torch.Tensor], x_bias: Optional[torch.Tensor], eps: float,
+                       dropout_p: float, seed: Optional[torch.Tensor]
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [rows, N] x.dtype, mean fp32 [rows], rstd fp32 [rows]); see csrc/ops.cpp."""
+    rows, n = _check_inputs(x, weight, bias, residual, x_bias)
+    out = new_empty((rows, n), dtype=x.dtype, device=x.device)
+    mean = new_empty((rows,), dtype=torch.float32, device=x.device)
+    rstd = new_empty((rows,), dtype=torch.float32, device=x.device)
+    if rows == 0 or n == 0:
+        return out, mean, rstd
+    has_drop, threshold, scale = _dropout_args(dropout_p, seed, x.device)
+    block = triton.next_power_of_2(n)
+    with _device_guard(x):
+        _add_layer_norm_fwd_kernel[(rows,)](
+            x, residual if residual is not None else x, weight, bias if bias is not None else weight,
+            x_bias if x_bias is not None else weight, seed if has_drop else mean, out, mean, rstd,
+            n, float(eps), threshold, scale,
+            HAS_RES=residual is not None, HAS_B=bias is not None, HAS_XB=x_bias is not None,
+            HAS_DROPOUT=has_drop, BLOCK_N=block, num_warps=_num_warps(block),
+        )
+    return out, mean, rstd
+
+
+def add_layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                       x_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                       dropout_p: float, seed: Optional[torch.Tensor]):
+    """(grad_pre, grad_x ([0] without dropout), grad_weight, grad_bias ([0] without bias),
+    grad_x_bias ([0] without x_bias)); see csrc/ops.cpp."""
+    rows, n = _check_inputs(x, weight, bias, residual, x_bias)
+    _check_2d("grad_out", grad_out, (rows, n))
+    _check_2d("mean", mean, (rows,))
+    _check_2d("rstd", rstd, (rows,))
+    has_drop, threshold, scale = _dropout_args(dropout_p, seed, x.device)
+    dev = x.device
+    grad_pre = new_empty((rows, n), dtype=x.dtype, device=dev)
+    grad_x = new_empty((rows, n) if has_drop else (0,), dtype=x.dtype, device=dev)
+    grad_w = new_empty(tuple(weight.shape), dtype=weight.dtype, device=dev)
+    grad_b = new_empty(tuple(bias.shape) if bias is not None else (0,), dtype=weight.dtype, device=dev)
+    grad_xb = new_empty(tuple(x_bias.shape) if x_bias is not None else (0,),
+                        dtype=x_bias.dtype if x_bias is not None else x.dtype, device=dev)
+    if rows == 0 or n == 0:
+        # no rows: the column sums are empty sums
+        grad_w.zero_()
+        grad_b.zero_()
+        grad_xb.zero_()
+        return grad_pre, grad_x, grad_w, grad_b, grad_xb
+
+    block = triton.next_power_of_2(n)
+    programs = _bwd_programs(rows, dev)
+    rows_per_prog = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, rows_per_prog)  # no program without rows
+    dw_part = new_empty((programs, n), dtype=torch.float32, device=dev)
+    db_part = new_empty((programs, n), dtype=torch.float32, device=dev) if bias is not None else dw_part
+    dxb_part = new_empty((programs, n), dtype=torch.float32, device=dev) if x_bias is not None else dw_part
+    with _device_guard(x):
+        _add_layer_norm_bwd_kernel[(programs,)](
+            grad_out, x, residual if residual is not None else x, weight,
+            x_bias if x_bias is not None else weight, seed if has_drop else mean, mean, rstd,
+            grad_pre, grad_x if has_drop else grad_pre, dw_part, db_part, dxb_part,
+            rows, n, rows_per_prog, threshold, scale,
+            HAS_RES=residual is not None, HAS_B=bias is not None, HAS_XB=x_bias is not None,
+            HAS_DROPOUT=has_drop, BLOCK_N=block, num_warps=_num_warps(block),
+        )
+    # second stage of the column sums: fixed-order fp32 sum over programs, rounded once
+    grad_w.copy_(dw_part.sum(0))
+    if bias is not None:
+        grad_b.copy_(db_part.sum(0))
+    if x_bias is not None:
+        grad_xb.copy_(dxb_part.sum(0))
+    return grad_pre, grad_x, grad_w, grad_b, grad_xb
