@@ -1,0 +1,605 @@
+"""Fused attention in Triton: FlashAttention-2 forward and backward, for BERT-family encoders.
+
+Kernels first (`_attention_fwd_kernel`, `_attention_bwd_preprocess_kernel`,
+`_attention_bwd_dkdv_kernel`, `_attention_bwd_dq_kernel`), then the launchers `attention_fwd` /
+`attention_bwd`, whose signatures are the schemas of fastbert::attention_fwd / attention_bwd in
+csrc/ops.cpp (the front end, fastbert/ops/attention.py, registers them as fastbert::triton_attention_*).
+
+Math (one (batch, head) pair; rows i are queries, columns j keys; c = scale):
+  s_ij = c * q_i . k_j + bias_ij   (-inf where key j is masked: padding, causal j > i, j >= Sk)
+  P_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
+  Z_ij = keep_ij / (1 - p)   (dropout; Z = 1 when p = 0)
+  o_i  = sum_j Z_ij P_ij v_j
+
+Forward (online softmax). Keys are visited in blocks; per query row we carry the running max m, the
+running sum l = sum_j exp(s_ij - m) and the unnormalised output acc = sum_j Z_ij exp(s_ij - m) v_j.
+When a block raises the max from m to m', both l and acc are rescaled by exp(m - m'). At the end
+o = acc / l and lse = m + log l. Everything is done in base 2: s is kept as s * log2(e) (the factor is
+folded into the q.k scale, so the exponential is one exp2), and lse is stored in natural log.
+A row with no visible key keeps m = -inf, l = 0: it writes o = 0 and lse = +inf. To avoid
+exp2(-inf - -inf) = NaN, the max used for the exponentials is replaced by 0 while it is -inf.
+
+Backward. With dP~_ij = dO_i . v_j (gradient w.r.t. the dropped probability Z_ij P_ij):
+  dV_j  = sum_i Z_ij P_ij dO_i
+  dP_ij = Z_ij dP~_ij
+  dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)         (softmax Jacobian)
+        = P_ij (dP_ij - D_i),   D_i = sum_k P_ik Z_ik dO_i . v_k = dO_i . o_i
+  dQ_i  = c * sum_j dS_ij k_j,   dK_j = c * sum_i dS_ij q_i      (d bias_ij = dS_ij: not produced)
+D is one row-wise dot product (preprocess kernel). P is recomputed from the saved lse:
+P_ij = exp2(s_ij * log2 e - lse_i * log2 e); lse_i = +inf makes the row's P (and so dS, dQ) exactly 0.
+dK/dV are accumulated per key block over all query blocks, dQ per query block over all key blocks, in
+two kernels: no atomics, so gradients are deterministic.
+
+Dropout: the keep decision for score (b, h, i, j) is Philox(seed, offset) with offset
+((b * H + h) * Sq + i) * Sk + j (Sq = Sk = max_seqlen when packed, i/j local to the sequence), kept
+iff (r >> 1) >= floor(p * 2^31): the stream of fastbert.reference, bit for bit; the backward pass
+regenerates it instead of storing a mask.
+
+Padding and what it holds:
+  - key padding mask / varlen: masked keys get probability 0, so their dK, dV are exactly 0.
+  - a query row at a padding position is not special: it attends to the valid keys of its sequence
+    (as Hugging Face's eager attention does), so its output is finite and defined.
+  - a row that sees no key at all (a fully padded sequence; never with causal) gets out = 0,
+    lse = +inf and zero gradients.
+  - attn_bias values below -1e30 (including -inf) are clamped to -1e30 before the exponentials: a
+    row whose keys all carry such a bias averages them uniformly, as softmax over HF's finfo.min
+    masks does, instead of producing NaN.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert import backends
+from fastbert.ops._common import new_empty
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# bias floor (natural units): far below any real score, yet finite after * log2(e) in fp32
+BIAS_FLOOR = -1.0e30
+
+_INTERPRET = backends.triton_interpreter()
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED: tl.constexpr):
+    """(row offset of the sequence in the packed layout, its query length, its key length)."""
+    if PACKED:
+        start = tl.load(CuSeqlens + b)
+        end = tl.load(CuSeqlens + b + 1)
+        return start, end - start, end - start
+    else:
+        return 0, seqlen_q, seqlen_k
+
+
+@triton.jit
+def _key_range(Mask, b, stride_mb, stride_mn, len_k, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    """[lo, hi) covering every unmasked key, lo a multiple of BLOCK_N: key blocks outside it are all
+    padding and are skipped (right padding, HF's usual layout, drops whole blocks at the end; left
+    padding at the start). One pass over the mask row: O(Sk) loads against O(Sk * D) of work."""
+    lo = 0
+    hi = len_k
+    if HAS_MASK:
+        first = len_k
+        last = 0
+        for start in range(0, len_k, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            m = tl.load(Mask + b * stride_mb + offs * stride_mn, mask=offs < len_k, other=0) != 0
+            first = tl.minimum(first, tl.min(tl.where(m, offs, len_k), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(m, offs + 1, 0), axis=0))
+        lo = (first // BLOCK_N) * BLOCK_N
+        hi = last
+    return lo, hi
+
+
+@triton.jit
+def _load_bias(Bias, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k):
+    """Bias tile [BLOCK_M, BLOCK_N] in fp32, base-2 units, floored (see module doc)."""
+    bmask = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+    bias = tl.load(Bias + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=bmask, other=0.0)
+    return tl.maximum(bias.to(tl.float32), BIAS_FLOOR) * LOG2E
+
+
+@triton.jit
+def _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale):
+    """Z tile: 1/(1-p) where kept, 0 where dropped; offsets as in fastbert.reference (int64)."""
+    offs = (off_bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
+    r = tl.randint(seed, offs)
+    keep = (r >> 1).to(tl.int32) >= drop_threshold
+    return tl.where(keep, drop_scale, 0.0)
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V,                    # [B, S, H, D] strided views (unit stride on D), or packed [total, H, D]
+    Out,                        # output, contiguous in q's layout
+    Lse,                        # fp32 [B, H, Sq] (padded) or [H, total] (packed): natural-log logsumexp
+    Mask,                       # uint8 view of the bool key padding mask [B, Sk] (HAS_MASK)
+    Bias,                       # additive bias, a [B, H, Sq, Sk] view, stride 0 where broadcast (HAS_BIAS)
+    CuSeqlens,                  # int32 [B + 1] sequence starts (PACKED)
+    Seed,                       # int64 [1] Philox seed (DROPOUT)
+    stride_qb, stride_qs, stride_qh,   # q strides: batch (0 when packed), token, head
+    stride_kb, stride_ks, stride_kh,   # k strides
+    stride_vb, stride_vs, stride_vh,   # v strides
+    stride_ob, stride_os, stride_oh,   # out strides
+    stride_lb, stride_lh,              # lse strides: batch (0 when packed), head; rows are unit stride
+    stride_mb, stride_mn,              # mask strides
+    stride_bb, stride_bh, stride_bm, stride_bn,  # bias strides
+    H,                          # number of heads
+    seqlen_q, seqlen_k,         # padded: Sq, Sk; packed: max_seqlen for both (grid, dropout offsets)
+    qk_scale,                   # scale * log2(e): scores in base 2
+    drop_threshold,             # floor(p * 2^31): 31-bit randoms below it are dropped
+    drop_scale,                 # 1 / (1 - p)
+    HEAD_D: tl.constexpr,       # head dim D
+    BLOCK_D: tl.constexpr,      # D rounded up to a power of two >= 16 (masked)
+    BLOCK_M: tl.constexpr,      # query rows per program
+    BLOCK_N: tl.constexpr,      # keys per inner step
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # 1-D grid, query blocks of one (b, h) adjacent so their K/V stay hot in L2
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = (pid % num_m) * BLOCK_M
+    off_bh = pid // num_m
+    b = off_bh // H
+    h = off_bh % H
+    seq_start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
+    if start_m >= len_q:  # packed: this sequence is shorter than max_seqlen
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    m_ok = offs_m < len_q
+
+    q_base = Q + b * stride_qb + seq_start * stride_qs + h * stride_qh
+    k_base = K + b * stride_kb + seq_start * stride_ks + h * stride_kh
+    v_base = V + b * stride_vb + seq_start * stride_vs + h * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
+
+    kv_lo, kv_hi = _key_range(Mask, b, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
+    if CAUSAL:
+        kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
+    if DROPOUT:
+        seed = tl.load(Seed)
+    if HAS_BIAS:
+        bias_base = Bias + b * stride_bb + h * stride_bh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < len_k
+        kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
+        visible = n_ok[None, :]
+        if HAS_MASK:
+            key_ok = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            visible = visible & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = p * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]  # acc is 0 on empty rows: they write 0
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_base = Out + b * stride_ob + seq_start * stride_os + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * stride_lb + h * stride_lh + seq_start + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out, DO,                    # contiguous [rows, H, D] (rows = B * Sq, or total when packed)
+    Delta,                      # fp32, lse's layout: rowsum(dO * O)
+    rows,                       # B * Sq or total
+    rows_per_batch,             # Sq (padded) or total (packed: all rows in "batch" 0)
+    stride_db, stride_dh,       # delta strides: batch, head
+    H,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < rows
+    msk = r_ok[:, None] & (offs_d[None, :] < HEAD_D)
+    ptr = (offs_r[:, None].to(tl.int64) * H + h) * HEAD_D + offs_d[None, :]
+    o = tl.load(Out + ptr, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=msk, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    bq = offs_r // rows_per_batch
+    i = offs_r % rows_per_batch
+    tl.store(Delta + bq * stride_db + h * stride_dh + i, delta, mask=r_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V,                    # as in the forward kernel
+    DO,                         # grad of out, contiguous in q's layout (same strides as out)
+    Lse, Delta,                 # fp32, lse layout (see forward)
+    DK, DV,                     # outputs, contiguous in k's / v's layout
+    Mask, Bias, CuSeqlens, Seed,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,   # dO strides
+    stride_dkb, stride_dks, stride_dkh,   # dK (and dV: same layout) strides
+    stride_lb, stride_lh,
+    stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    H, seqlen_q, seqlen_k,
+    qk_scale,                   # scale * log2(e)
+    sm_scale,                   # scale (dK = scale * dS^T q)
+    drop_threshold, drop_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # query rows per inner step
+    BLOCK_N: tl.constexpr,      # keys per program
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # one program per key block; tiles are held transposed ([keys, queries]) so that dV and dK come
+    # out of the dots directly as [BLOCK_N, D]
+    num_n = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    start_n = (pid % num_n) * BLOCK_N
+    off_bh = pid // num_n
+    b = off_bh // H
+    h = off_bh % H
+    seq_start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
+    if start_n >= len_k:
+        return
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    n_ok = offs_n < len_k
+    k = tl.load(K + b * stride_kb + h * stride_kh + (seq_start + offs_n[:, None]) * stride_ks + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + (seq_start + offs_n[:, None]) * stride_vs + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    key_ok = n_ok
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
+
+    q_base = Q + b * stride_qb + seq_start * stride_qs + h * stride_qh
+    do_base = DO + b * stride_dob + seq_start * stride_dos + h * stride_doh
+    l_base = Lse + b * stride_lb + h * stride_lh + seq_start
+    d_base = Delta + b * stride_lb + h * stride_lh + seq_start
+    if HAS_BIAS:
+        bias_base = Bias + b * stride_bb + h * stride_bh
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    m_lo = 0
+    if CAUSAL:  # queries before this key block see none of its keys
+        m_lo = (start_n // BLOCK_M) * BLOCK_M
+    m_hi = len_q
+    if HAS_MASK:  # a block of padding keys only: nothing to accumulate, dK = dV = 0
+        m_hi = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, len_q, m_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < len_q
+        qT = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None], mask=m_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        # rows past the end get lse = +inf: their P is exactly 0
+        lse2 = tl.load(l_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+        sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
+        if HAS_BIAS:
+            sT += tl.trans(_load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k))
+        pT = tl.math.exp2(sT - lse2[None, :])
+        visible = key_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :])
+        pT = tl.where(visible, pT, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+        if DROPOUT:
+            zT = tl.trans(_dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold,
+                                         drop_scale))
+            dv = tl.dot((pT * zT).to(do.dtype), do, dv, input_precision="ieee")
+            dpT = dpT * zT
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
+        Di = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
+        dsT = pT * (dpT - Di[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+
+    dk = dk * sm_scale
+    st_mask = n_ok[:, None] & d_ok[None, :]
+    dk_ptr = b * stride_dkb + h * stride_dkh + (seq_start + offs_n[:, None]) * stride_dks + offs_d[None, :]
+    tl.store(DK + dk_ptr, dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(DV + dk_ptr, dv.to(DV.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta,
+    DQ,                         # output, contiguous in q's layout
+    Mask, Bias, CuSeqlens, Seed,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    stride_mb, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    H, seqlen_q, seqlen_k,
+    qk_scale, sm_scale,
+    drop_threshold, drop_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,      # query rows per program
+    BLOCK_N: tl.constexpr,      # keys per inner step
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = (pid % num_m) * BLOCK_M
+    off_bh = pid // num_m
+    b = off_bh // H
+    h = off_bh % H
+    seq_start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
+    if start_m >= len_q:
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    m_ok = offs_m < len_q
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (seq_start + offs_m[:, None]) * stride_qs + offs_d[None, :],
+                mask=md_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + (seq_start + offs_m[:, None]) * stride_dos + offs_d[None, :],
+                 mask=md_mask, other=0.0)
+    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+    Di = tl.load(Delta + b * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=0.0)
+
+    k_base = K + b * stride_kb + seq_start * stride_ks + h * stride_kh
+    v_base = V + b * stride_vb + seq_start * stride_vs + h * stride_vh
+    kv_lo, kv_hi = _key_range(Mask, b, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
+    if CAUSAL:
+        kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
+    if HAS_BIAS:
+        bias_base = Bias + b * stride_bb + h * stride_bh
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < len_k
+        kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        vT = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
+        p = tl.math.exp2(s - lse2[:, None])
+        visible = n_ok[None, :]
+        if HAS_MASK:
+            key_ok = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            visible = visible & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vT, input_precision="ieee")
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
+        ds = p * (dp - Di[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=md_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations: the interpreter runs one; on a GPU a short list per head dim is autotuned
+# ----------------------------------------------------------------------------------------------
+_FLAGS = ["HEAD_D", "PACKED", "HAS_MASK", "HAS_BIAS", "CAUSAL", "DROPOUT"]
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _fwd_configs():
+    if _INTERPRET:
+        return [_cfg(32, 32, 4, 1)]
+    # sm_80/sm_90: 128-row query tiles keep the tensor cores fed; for D > 64 the K/V tiles are
+    # halved so two stages still fit in shared memory. Configs too big for a given D are skipped by
+    # the autotuner (OutOfResources).
+    return [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3),
+            _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4)]
+
+
+def _dkdv_configs():
+    if _INTERPRET:
+        return [_cfg(32, 32, 4, 1)]
+    # BLOCK_N keys are held for the whole program; queries stream in BLOCK_M chunks
+    return [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3),
+            _cfg(16, 64, 4, 4)]
+
+
+def _dq_configs():
+    if _INTERPRET:
+        return [_cfg(32, 32, 4, 1)]
+    return [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose tiles dwarf the problem (a 128-row tile for 16 queries wastes the SM)."""
+    sq = named_args["seqlen_q"]
+    sk = named_args["seqlen_k"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(sq))
+            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(sk))]
+    return keep or configs[-1:]
+
+
+def _autotuned(kernel, configs):
+    if len(configs) == 1:
+        return triton.autotune(configs=configs, key=_FLAGS)(kernel)
+    return triton.autotune(configs=configs, key=_FLAGS + ["seqlen_q", "seqlen_k"],
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_fwd = _autotuned(_attention_fwd_kernel, _fwd_configs())
+_dkdv = _autotuned(_attention_bwd_dkdv_kernel, _dkdv_configs())
+_dq = _autotuned(_attention_bwd_dq_kernel, _dq_configs())
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (signatures = csrc/ops.cpp attention_fwd / attention_bwd)
+# ----------------------------------------------------------------------------------------------
+def _strides3(t: torch.Tensor, packed: bool):
+    """(batch, token, head) strides of a [B, S, H, D] or packed [total, H, D] tensor."""
+    if packed:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
+    """Everything the kernels take besides the tensors' own pointers and strides."""
+    packed = cu_seqlens is not None
+    if packed:
+        total, H, D = q.shape
+        B = cu_seqlens.numel() - 1
+        Sq = Sk = int(max_seqlen)
+    else:
+        total = 0
+        B, Sq, H, D = q.shape
+        Sk = k.shape[1]
+    # Triton loads bool as bytes; a uint8 view is the same memory, no copy
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    bias = attn_bias.expand(B, H, Sq, Sk) if attn_bias is not None else None
+    dropout = dropout_p > 0.0
+    return dict(
+        packed=packed, B=B, H=H, D=D, Sq=Sq, Sk=Sk, total=total,
+        # unused pointer arguments get q: the constexpr flags compile their loads away
+        mask=mask if mask is not None else q,
+        mstr=(mask.stride(0), mask.stride(1)) if mask is not None else (0, 0),
+        bias=bias if bias is not None else q,
+        bstr=tuple(bias.stride()) if bias is not None else (0, 0, 0, 0),
+        cu=cu_seqlens if packed else q,
+        seed=seed if dropout else q,
+        qk_scale=float(scale) * LOG2E,
+        sm_scale=float(scale),
+        drop_threshold=int(math.floor(dropout_p * 2147483648.0)) if dropout else 0,
+        drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
+        flags=dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PACKED=packed,
+                   HAS_MASK=key_padding_mask is not None, HAS_BIAS=attn_bias is not None,
+                   CAUSAL=bool(causal), DROPOUT=dropout),
+    )
+
+
+def _lse_layout(a, device):
+    """A new fp32 tensor in lse's layout, and its (batch, head) strides."""
+    if a["packed"]:
+        t = new_empty((a["H"], a["total"]), dtype=torch.float32, device=device)
+        return t, 0, a["total"]
+    t = new_empty((a["B"], a["H"], a["Sq"]), dtype=torch.float32, device=device)
+    return t, a["H"] * a["Sq"], a["Sq"]
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                  attn_bias: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                  causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out contiguous in q's layout, lse fp32). Arguments as checked by fastbert.ops.attention."""
+    a = _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed)
+    packed = a["packed"]
+    out = new_empty(q.shape, dtype=q.dtype, device=q.device)
+    lse, slb, slh = _lse_layout(a, q.device)
+    if a["B"] == 0 or a["Sq"] == 0 or q.numel() == 0:
+        return out, lse
+    grid = lambda META: (triton.cdiv(a["Sq"], META["BLOCK_M"]) * a["B"] * a["H"],)  # noqa: E731
+    _fwd[grid](
+        q, k, v, out, lse, a["mask"], a["bias"], a["cu"], a["seed"],
+        *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
+        slb, slh, *a["mstr"], *a["bstr"],
+        a["H"], a["Sq"], a["Sk"], a["qk_scale"], a["drop_threshold"], a["drop_scale"],
+        **a["flags"],
+    )
+    return out, lse
+
+
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor],
+                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int, causal: bool, scale: float,
+                  dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v), each contiguous in its input's layout. grad_out: out's layout."""
+    a = _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed)
+    packed = a["packed"]
+    dq = new_empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0 or a["B"] == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    grad_out = grad_out.contiguous()
+    out = out.contiguous()
+    D, H = a["D"], a["H"]
+    BLOCK_D = a["flags"]["BLOCK_D"]
+
+    delta, slb, slh = _lse_layout(a, q.device)
+    rows = out.numel() // (H * D)
+    pre_block = 64
+    _attention_bwd_preprocess_kernel[(triton.cdiv(rows, pre_block), H)](
+        out, grad_out, delta, rows, a["total"] if packed else a["Sq"], slb, slh, H,
+        HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
+    )
+    common = (*a["mstr"], *a["bstr"], H, a["Sq"], a["Sk"], a["qk_scale"], a["sm_scale"],
+              a["drop_threshold"], a["drop_scale"])
+    grid_kv = lambda META: (triton.cdiv(a["Sk"], META["BLOCK_N"]) * a["B"] * H,)  # noqa: E731
+    _dkdv[grid_kv](
+        q, k, v, grad_out, lse, delta, dk, dv, a["mask"], a["bias"], a["cu"], a["seed"],
+        *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(grad_out, packed),
+        *_strides3(dk, packed), slb, slh, *common,
+        **a["flags"],
+    )
+    grid_q = lambda META: (triton.cdiv(a["Sq"], META["BLOCK_M"]) * a["B"] * H,)  # noqa: E731
+    _dq[grid_q](
+        q, k, v, grad_out, lse, delta, dq, a["mask"], a["bias"], a["cu"], a["seed"],
+        *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(grad_out, packed),
+        *_strides3(dq, packed), slb, slh, *common,
+        **a["flags"],
+    )
+    return dq, dk, dv
