@@ -37,6 +37,29 @@ def _cuda_arch_flags(archs):
     return flags
 
 
+def _cpu_simd_flags():
+    """AVX2+FMA for csrc/cpu when this x86-64 machine has them (at::vec::Vectorized<float> is then 8 wide
+    and its exp/erf/tanh are Sleef's, exported by libtorch_cpu). FASTBERT_CPU_AVX2=0/1 overrides the
+    detection, e.g. to build for a different machine than the build host."""
+    import platform
+
+    want = os.environ.get("FASTBERT_CPU_AVX2", "").strip().lower()
+    if want in ("0", "false", "no", "off"):
+        return []
+    if want not in ("1", "true", "yes", "on"):
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return []
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+        except OSError:
+            return []
+        if not {"avx2", "fma", "f16c"} <= flags:
+            return []
+    # CPU_CAPABILITY=AVX2 selects ATen's vec256 specializations, in the same inline namespace torch uses
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+
+
 def _extensions():
     if _env_flag("FASTBERT_SKIP_EXTENSION"):
         print("fastbert: FASTBERT_SKIP_EXTENSION=1, building no extension", file=sys.stderr)
@@ -65,7 +88,12 @@ def _extensions():
         print("fastbert: nvcc not found; building the CPU part of fastbert._C only", file=sys.stderr)
         want_cuda = False
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFASTBERT_WITH_CUDA=%d" % int(want_cuda)]
+    # -fopenmp: at::parallel_for in csrc/cpu runs on OpenMP; the symbols resolve to the libgomp that
+    # torch already loaded (its lib/ directory), so no second OpenMP runtime is linked in.
+    # -fvisibility-inlines-hidden: as torch is built, so the at::vec inline code of this library never
+    # interposes with (or is interposed by) torch's own copies.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility-inlines-hidden",
+                 "-DFASTBERT_WITH_CUDA=%d" % int(want_cuda)] + _cpu_simd_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda:
         archs = os.environ.get("FASTBERT_CUDA_ARCHS", "80;90a")
