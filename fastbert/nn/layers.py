@@ -1,0 +1,357 @@
+"""Drop-in fastbert twins of the BERT-family encoder modules.
+
+Every module here is built from a Hugging Face module with `.from_hf(module)` and holds the SAME
+nn.Linear / nn.LayerNorm objects (hence the same Parameter objects) under the same attribute names, so
+its state_dict keys equal the HF module's and an optimizer built on the HF model keeps working. This
+file knows attribute paths (a `Layout`), never transformers itself: fastbert/hf owns the table that
+maps each architecture to its layout.
+
+Inside a layer (post-LayerNorm BERT layout):
+    qkv  = h @ [Wq; Wk; Wv]^T + [bq; bk; bv]           one GEMM, output [.., 3, heads, head_dim]
+    ctx  = attention(q, k, v)                           q/k/v are strided views of qkv: no copies
+    a    = add_layer_norm(ctx @ Wo^T, x_bias=bo, residual=h, dropout_p=hidden dropout)
+    f    = linear_gelu(a, Wi, bi)  (or F.linear + relu/silu/the HF activation)
+    out  = add_layer_norm(f @ Wo2^T, x_bias=bo2, residual=a, dropout_p=hidden dropout)
+The output-projection biases ride in the LayerNorm kernel (x_bias) instead of the GEMM, so
+bias + dropout + residual + LayerNorm is one pass over the activations.
+
+Two input forms: padded [B, S, hidden] with an optional 2D key mask [B, S] (1 = real token), or
+packed [total_tokens, hidden] with cu_seqlens [B+1] int32 and max_seqlen (padding-free).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbert import ops
+
+# HF activation names -> how fastbert computes them. "none"/"tanh" go to linear_gelu (exact erf GELU
+# and the tanh approximation; never substituted for each other); "relu"/"silu" are F.linear + the
+# torch function; anything else runs the HF module's own activation callable after F.linear.
+GELU_EXACT = ("gelu",)
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh")
+ACTIVATIONS: Dict[str, Tuple[str, Optional[str]]] = {
+    **{n: ("gelu", "none") for n in GELU_EXACT},
+    **{n: ("gelu", "tanh") for n in GELU_TANH},
+    "relu": ("relu", None),
+    "silu": ("silu", None),
+    "swish": ("silu", None),
+}
+
+
+def _get(module: nn.Module, path: Optional[str]):
+    """getattr along a dotted path ("attention.self.query"); None for a None path."""
+    if path is None:
+        return None
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the pieces of one post-LayerNorm encoder layer live, as dotted paths inside the HF layer
+    module (or, for self-attention alone, inside the attention module: `q`, `k`, `v`, `heads`,
+    `attn_dropout` are relative to `attention`)."""
+
+    name: str
+    attention: str                      # the HF self-attention module
+    q: str
+    k: str
+    v: str
+    heads: str                          # int attribute of the attention module: number of heads
+    attn_dropout: Optional[str]         # nn.Dropout (or a float attribute) of the attention probs
+    o: str                              # attention output projection (nn.Linear)
+    ln1: str                            # LayerNorm after attention
+    drop1: Optional[str]                # nn.Dropout on the attention output (None: no dropout there)
+    ffn_in: str                         # intermediate nn.Linear
+    act: str                            # the HF activation callable (used when no fused form exists)
+    ffn_out: str                        # output nn.Linear of the FFN
+    ln2: str                            # LayerNorm after the FFN
+    drop2: Optional[str]                # nn.Dropout on the FFN output
+    act_config: Tuple[str, ...] = ("hidden_act",)  # config fields naming the activation, first found wins
+
+
+BERT_LAYOUT = Layout(
+    name="bert", attention="attention.self", q="query", k="key", v="value", heads="num_attention_heads",
+    attn_dropout="dropout", o="attention.output.dense", ln1="attention.output.LayerNorm",
+    drop1="attention.output.dropout", ffn_in="intermediate.dense", act="intermediate.intermediate_act_fn",
+    ffn_out="output.dense", ln2="output.LayerNorm", drop2="output.dropout", act_config=("hidden_act",))
+
+DISTILBERT_LAYOUT = Layout(
+    name="distilbert", attention="attention", q="q_lin", k="k_lin", v="v_lin", heads="n_heads",
+    attn_dropout="dropout", o="attention.out_lin", ln1="sa_layer_norm", drop1=None, ffn_in="ffn.lin1",
+    act="ffn.activation", ffn_out="ffn.lin2", ln2="output_layer_norm", drop2="ffn.dropout",
+    act_config=("activation",))
+
+LAYOUTS = (BERT_LAYOUT, DISTILBERT_LAYOUT)
+
+
+def _dropout_p(obj) -> float:
+    if obj is None:
+        return 0.0
+    if isinstance(obj, nn.Dropout):
+        return float(obj.p)
+    return float(obj)
+
+
+def detect_layout(module: nn.Module, *, attention: bool = False) -> Layout:
+    """The layout whose paths all resolve in `module` (an HF layer, or an attention module)."""
+    for layout in LAYOUTS:
+        try:
+            if attention:
+                for p in (layout.q, layout.k, layout.v, layout.heads):
+                    _get(module, p)
+            else:
+                for p in (layout.attention, layout.o, layout.ln1, layout.ffn_in, layout.ffn_out, layout.ln2):
+                    _get(module, p)
+                att = _get(module, layout.attention)
+                for p in (layout.q, layout.k, layout.v, layout.heads):
+                    _get(att, p)
+            return layout
+        except AttributeError:
+            continue
+    raise TypeError(f"fastbert.nn: {type(module).__name__} has none of the known layouts "
+                    f"({', '.join(l.name for l in LAYOUTS)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused QKV weight
+# ----------------------------------------------------------------------------------------------
+class FusedQKV:
+    """[Wq; Wk; Wv] and [bq; bk; bv] for one GEMM, kept consistent with the three HF Parameters.
+
+    When autograd needs the weights (grad mode on and any of them requires grad) or under
+    torch.compile, the fused tensors are rebuilt with torch.cat on every call: cat is differentiable,
+    so gradients flow to the ORIGINAL Parameters (there is no second copy to train), and an optimizer
+    step is seen by the next forward. Otherwise (inference under torch.no_grad / inference_mode, or
+    frozen weights) the fused copy is cached, keyed on each Parameter's identity, `_version` (bumped
+    by every in-place update: optimizer steps, load_state_dict, copy_ under no_grad), data_ptr, dtype
+    and device (model.half() / .to() swap `.data`). A write through `.data` bypasses the version
+    counter: call `invalidate()` (or `fastbert.nn.invalidate_caches(model)`) after one.
+    """
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
+        self._linears = (q, k, v)  # a plain tuple: not registered, no duplicate state_dict entries
+        self._key = None
+        self._w = None
+        self._b = None
+
+    def invalidate(self) -> None:
+        self._key = self._w = self._b = None
+
+    @staticmethod
+    def _fuse(lins):
+        w = torch.cat([l.weight for l in lins], 0)
+        if all(l.bias is None for l in lins):
+            return w, None
+        b = torch.cat([l.bias if l.bias is not None else l.weight.new_zeros(l.out_features) for l in lins], 0)
+        return w, b
+
+    def get(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        lins = self._linears
+        params = [p for l in lins for p in (l.weight, l.bias) if p is not None]
+        compiling = torch.compiler.is_compiling()
+        if compiling or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return self._fuse(lins)
+        key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        if key != self._key:
+            with torch.no_grad():
+                self._w, self._b = self._fuse(lins)
+            self._key = key
+        return self._w, self._b
+
+
+# ----------------------------------------------------------------------------------------------
+# functional pieces
+# ----------------------------------------------------------------------------------------------
+def _self_attention(h: torch.Tensor, qkv: FusedQKV, heads: int, scale: Optional[float], dropout_p: float,
+                    attention_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                    max_seqlen: Optional[int]) -> torch.Tensor:
+    w, b = qkv.get()
+    hidden = w.shape[0] // 3
+    d = hidden // heads
+    x = F.linear(h, w, b)  # [..., 3 * hidden]: [q heads | k heads | v heads]
+    x = x.view(*h.shape[:-1], 3, heads, d)
+    q, k, v = x.unbind(-3)  # strided views into the one GEMM output
+    if cu_seqlens is not None:
+        out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p)
+    else:
+        out = ops.attention(q, k, v, attention_mask=attention_mask, scale=scale, dropout_p=dropout_p)
+    return out.reshape(*h.shape[:-1], hidden)
+
+
+def _activation_kind(config, names: Tuple[str, ...]):
+    if config is None:
+        return None
+    for n in names:
+        act = getattr(config, n, None)
+        if isinstance(act, str):
+            return ACTIVATIONS.get(act)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------
+class FastBertSelfAttention(nn.Module):
+    """Self-attention with Q, K, V as one GEMM and fastbert.ops.attention reading its output in place.
+
+    Holds the HF module's query/key/value nn.Linear objects under the HF names (BERT: query, key,
+    value; DistilBERT: q_lin, k_lin, v_lin). forward(hidden_states [B, S, hidden], attention_mask
+    [B, S] (1 = real) or None) or forward(packed [total, hidden], cu_seqlens=..., max_seqlen=...)
+    returns the attention context (before the output projection), in the input's layout.
+    """
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, num_heads: int, *, dropout=0.0,
+                 scale: Optional[float] = None, names: Tuple[str, str, str] = ("query", "key", "value")):
+        super().__init__()
+        if q.in_features != k.in_features or q.in_features != v.in_features:
+            raise ValueError("FastBertSelfAttention: query/key/value must read the same hidden size")
+        if q.out_features != k.out_features or q.out_features != v.out_features:
+            raise ValueError("FastBertSelfAttention: query/key/value must have the same out_features")
+        if not isinstance(num_heads, int) or num_heads <= 0 or q.out_features % num_heads:
+            raise ValueError(f"FastBertSelfAttention: num_heads={num_heads!r} must divide {q.out_features}")
+        for n, lin in zip(names, (q, k, v)):
+            self.add_module(n, lin)
+        self._names = names
+        self.num_heads = num_heads
+        self.head_dim = q.out_features // num_heads
+        self.scale = scale
+        self.dropout = dropout  # nn.Dropout (shared with HF) or float
+        self.qkv = FusedQKV(q, k, v)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module) -> "FastBertSelfAttention":
+        layout = detect_layout(module, attention=True)
+        return cls(_get(module, layout.q), _get(module, layout.k), _get(module, layout.v),
+                   int(_get(module, layout.heads)), dropout=_get(module, layout.attn_dropout) or 0.0,
+                   scale=getattr(module, "scaling", None), names=(layout.q, layout.k, layout.v))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+        p = _dropout_p(self.dropout) if self.training else 0.0
+        return _self_attention(hidden_states, self.qkv, self.num_heads, self.scale, p, attention_mask,
+                               cu_seqlens, max_seqlen)
+
+
+class FastBertLayer(nn.Module):
+    """One post-LayerNorm encoder layer (BERT/RoBERTa/ELECTRA/DistilBERT layouts) on fused ops.
+
+    Registers the HF layer's own children under their own names, so `state_dict()` keys, Parameter
+    objects and storages are exactly the HF layer's; the fused path reads the pieces through a
+    `Layout`. Dropout follows the HF modules' `p` in training mode: attention probs through the
+    attention op, hidden dropout through add_layer_norm. Gradient checkpointing: set
+    `gradient_checkpointing = True` (transformers' gradient_checkpointing_enable does) and, in
+    training mode, the layer is recomputed in backward (torch.utils.checkpoint, non-reentrant; the
+    RNG state is restored, so the recomputed dropout masks are the same).
+    """
+
+    gradient_checkpointing = False
+
+    def __init__(self, hf_layer: nn.Module, layout: Optional[Layout] = None, config=None):
+        super().__init__()
+        layout = layout or detect_layout(hf_layer)
+        self.layout = layout
+        for name, child in hf_layer.named_children():
+            self.add_module(name, child)
+        att = _get(hf_layer, layout.attention)
+        if config is None:
+            config = getattr(att, "config", None)
+        self.config = config
+        self.attn = _AttentionView(att, layout)  # unregistered helper: no duplicate parameters
+        self.training = hf_layer.training
+        kind = _activation_kind(config, layout.act_config)
+        self._act_kind = kind
+        # a tuple, not an attribute holding the module: that would register the activation twice
+        self._act_ref: Tuple[Callable] = (_get(hf_layer, layout.act),)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module, layout: Optional[Layout] = None, config=None) -> "FastBertLayer":
+        return cls(module, layout, config)
+
+    def extra_repr(self) -> str:
+        act = self._act_kind[0] + (f"({self._act_kind[1]})" if self._act_kind[1] else "") if self._act_kind else \
+            f"hf:{type(self._act_ref[0]).__name__}"
+        return f"layout={self.layout.name}, heads={self.attn.num_heads}, activation={act}"
+
+    def _ffn(self, a: torch.Tensor) -> torch.Tensor:
+        lin = _get(self, self.layout.ffn_in)
+        kind = self._act_kind
+        if kind is not None and kind[0] == "gelu":
+            return ops.linear_gelu(a, lin.weight, lin.bias, approximate=kind[1])
+        y = F.linear(a, lin.weight, lin.bias)
+        if kind is not None and kind[0] == "relu":
+            return F.relu(y)
+        if kind is not None and kind[0] == "silu":
+            return F.silu(y)
+        return self._act_ref[0](y)
+
+    def _forward(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                 max_seqlen: Optional[int]) -> torch.Tensor:
+        L = self.layout
+        # the HF attention module is a shared child: its flag follows model.train()/eval() even while
+        # the HF layer (not this twin) sits in the module tree
+        train = self.attn.module.training
+        ctx = _self_attention(h, self.attn.qkv, self.attn.num_heads, self.attn.scale,
+                              self.attn.dropout_p() if train else 0.0, attention_mask, cu_seqlens, max_seqlen)
+        o, ln1 = _get(self, L.o), _get(self, L.ln1)
+        a = ops.add_layer_norm(F.linear(ctx, o.weight), ln1.weight, ln1.bias, residual=h, x_bias=o.bias,
+                               eps=ln1.eps, dropout_p=_dropout_p(_get(self, L.drop1)) if train else 0.0)
+        f = self._ffn(a)
+        o2, ln2 = _get(self, L.ffn_out), _get(self, L.ln2)
+        return ops.add_layer_norm(F.linear(f, o2.weight), ln2.weight, ln2.bias, residual=a, x_bias=o2.bias,
+                                  eps=ln2.eps, dropout_p=_dropout_p(_get(self, L.drop2)) if train else 0.0)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+        """hidden_states [B, S, hidden] with attention_mask [B, S] (1 = real token) or None, or packed
+        [total, hidden] with cu_seqlens [B+1] (int32) and max_seqlen. Returns the same layout."""
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"FastBertLayer: hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if cu_seqlens is not None:
+            if hidden_states.dim() != 2:
+                raise ValueError(f"FastBertLayer: hidden_states must be [total, hidden] with cu_seqlens, got "
+                                 f"shape {tuple(hidden_states.shape)}")
+            if attention_mask is not None:
+                raise ValueError("FastBertLayer: attention_mask must be None with cu_seqlens (packed input)")
+        elif hidden_states.dim() != 3:
+            raise ValueError(f"FastBertLayer: hidden_states must be [batch, seq, hidden], got shape "
+                             f"{tuple(hidden_states.shape)}")
+        elif attention_mask is not None and (attention_mask.dim() != 2
+                                             or tuple(attention_mask.shape) != tuple(hidden_states.shape[:2])):
+            raise ValueError(f"FastBertLayer: attention_mask must be [batch, seq] = {tuple(hidden_states.shape[:2])}, "
+                             f"got shape {tuple(attention_mask.shape)}")
+        if self.gradient_checkpointing and self.attn.module.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, hidden_states, attention_mask, cu_seqlens, max_seqlen, use_reentrant=False)
+        return self._forward(hidden_states, attention_mask, cu_seqlens, max_seqlen)
+
+
+class _AttentionView:
+    """What FastBertLayer needs from the HF attention module, without registering it twice."""
+
+    def __init__(self, att: nn.Module, layout: Layout):
+        self.module = att
+        self.layout = layout
+        self.num_heads = int(_get(att, layout.heads))
+        self.scale = getattr(att, "scaling", None)
+        self.qkv = FusedQKV(_get(att, layout.q), _get(att, layout.k), _get(att, layout.v))
+
+    def dropout_p(self) -> float:
+        return _dropout_p(_get(self.module, self.layout.attn_dropout))
+
+
+def invalidate_caches(model: nn.Module) -> None:
+    """Drop every cached fused QKV weight under `model` (needed only after writes through `.data`)."""
+    for m in model.modules():
+        if isinstance(m, FastBertSelfAttention):
+            m.qkv.invalidate()
+        elif isinstance(m, FastBertLayer):
+            m.attn.qkv.invalidate()
