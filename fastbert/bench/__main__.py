@@ -1,0 +1,431 @@
+"""python -m fastbert.bench [--quick] [--out DIR] [...]   (also the `fastbert-bench` console script)
+
+Runs, in one process on one device, the model-level comparison (providers x models x workloads x
+modes x dtypes) and the op-level one (fastbert ops against PyTorch), then writes DIR/results.json,
+DIR/results.md and PNG plots. Defaults depend on the device:
+
+  GPU  models bert-base, bert-large, minilm-l6; B in {1, 8, 32, 128} x S in {128, 256, 512} plus
+       a varlen workload per shape; modes infer, train; dtypes float16, bfloat16, float32;
+       ops at BERT-base shapes on the same grid, fwd and bwd.
+  CPU  models bert-base, minilm-l6; B in {1, 8}, S = 128 (+ varlen); infer; float32;
+       ops at BERT-base shapes, B in {1, 8}, S = 128, fwd.
+  --quick  GPU: bert-base and minilm-l6, B = 8, S in {128, 512}, bfloat16, infer + train, no compile.
+           CPU: minilm-l6 and bert-base, B = 1, S = 128, infer, float32, no torch.compile.
+Every option below overrides the default it names.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+
+def _csv(s: str) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> List[int]:
+    try:
+        vals = [int(x) for x in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastbert.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true", help="a short run (see above)")
+    p.add_argument("--out", default="bench-out", help="output directory (created; default bench-out)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--models", type=_csv, default=None,
+                   help="comma-separated: bert-base, bert-large, minilm-l6 (or a local checkpoint dir)")
+    p.add_argument("--model", action="append", default=[], metavar="PATH",
+                   help="a local checkpoint directory, added to the models (repeatable)")
+    p.add_argument("--providers", type=_csv, default=None, help="model-level providers (default: all)")
+    p.add_argument("--batch", type=_ints, default=None, help="batch sizes, e.g. 1,8")
+    p.add_argument("--seq", type=_ints, default=None, help="sequence lengths, e.g. 128,512")
+    p.add_argument("--no-varlen", action="store_true", help="skip the variable-length workload")
+    p.add_argument("--modes", type=_csv, default=None, help="infer,train")
+    p.add_argument("--dtypes", type=_csv, default=None, help="float16,bfloat16,float32")
+    p.add_argument("--ops", type=_csv, default=None,
+                   help="attention,add_layer_norm,linear_gelu,bias_gelu (default: all; 'none' for none)")
+    p.add_argument("--op-model", default="bert-base", help="whose shapes the op-level cases use (default bert-base)")
+    p.add_argument("--op-batch", type=_ints, default=None, help="op-level batch sizes (default: --batch)")
+    p.add_argument("--op-seq", type=_ints, default=None, help="op-level sequence lengths (default: --seq)")
+    p.add_argument("--op-modes", type=_csv, default=None, help="fwd,bwd")
+    p.add_argument("--no-models", action="store_true", help="op level only")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _defaults(args, dev: str) -> None:
+    gpu = dev == "cuda"
+    q = args.quick
+    if args.models is None:
+        args.models = (["bert-base", "minilm-l6"] if q else ["bert-base", "bert-large", "minilm-l6"]) if gpu \
+            else ["minilm-l6", "bert-base"]
+    args.models = list(args.models) + list(args.model)
+    if args.batch is None:
+        args.batch = ([8] if q else [1, 8, 32, 128]) if gpu else ([1] if q else [1, 8])
+    if args.seq is None:
+        args.seq = ([128, 512] if q else [128, 256, 512]) if gpu else [128]
+    if args.modes is None:
+        args.modes = ["infer", "train"] if gpu else ["infer"]
+    if args.dtypes is None:
+        args.dtypes = (["bfloat16"] if q else ["float16", "bfloat16", "float32"]) if gpu else ["float32"]
+    if args.ops is None:
+        from fastbert.bench.opbench import OPS
+
+        args.ops = list(OPS)
+    elif args.ops == ["none"]:
+        args.ops = []
+    if args.op_batch is None:
+        args.op_batch = args.batch
+    if args.op_seq is None:
+        args.op_seq = args.seq
+    if args.op_modes is None:
+        args.op_modes = ["fwd", "bwd"] if gpu else ["fwd"]
+    for m in args.modes:
+        if m not in ("infer", "train"):
+            raise SystemExit(f"--modes: unknown mode {m!r} (infer, train)")
+    for m in args.op_modes:
+        if m not in ("fwd", "bwd"):
+            raise SystemExit(f"--op-modes: unknown mode {m!r} (fwd, bwd)")
+    for d in args.dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtypes: unknown dtype {d!r} (float16, bfloat16, float32)")
+    args.dtypes = list(dict.fromkeys(str(DTYPES[d]).replace("torch.", "") for d in args.dtypes))
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def _commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def environment(device: torch.device, argv: List[str], quick: bool) -> dict:
+    import fastbert
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "device_kind": device.type,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "fastbert": fastbert.__version__,
+        "commit": _commit(),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python -m fastbert.bench " + " ".join(shlex.quote(a) for a in argv),
+        "quick": quick,
+        "timing_method": ("CUDA events around each call, inputs rotated, median/p20/p80" if device.type == "cuda"
+                          else "time.perf_counter around each call, inputs rotated, median/p20/p80"),
+        "fastbert_explain": fastbert.explain().splitlines(),
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: " + ("; ".join(lines[:4])[:500] if lines else "")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# model level
+# ----------------------------------------------------------------------------------------------
+def run_models(args, device, env, rows, bar) -> None:
+    from fastbert.bench import models as M
+    from fastbert.bench import providers as P
+    from fastbert.bench import report as R
+    from fastbert.bench import timing
+
+    provs = args.providers or P.model_provider_names(device.type)
+    specs = [P.parse(p) for p in provs]
+    wls = M.workloads(args.batch, args.seq, not args.no_varlen)
+    per_provider = len(wls) * len(args.modes)
+
+    for mname in args.models:
+        n_jobs = len(args.dtypes) * len(specs) * per_provider
+        try:
+            label, base = M.build_model(mname, seed=args.seed)
+        except Exception as e:
+            rows.append(R.make_row(kind="model", name=mname, status="error", reason=_first_line(e)))
+            bar.update(n_jobs)
+            continue
+        cfg = base.config
+        vocab = int(getattr(cfg, "vocab_size", 30522))
+        n_sets = 3  # weights (>= 40 MB) already overflow the caches; rotate token ids anyway
+        inputs = {w: M.make_inputs(w, vocab, n_sets, device, seed=args.seed) for w in wls}
+        # the yardstick: HF eager in fp32 (IEEE: TF32 is off for the whole run) on the same inputs
+        ref_model = P.ModelRunner(P.parse("hf-eager"), base, torch.float32, device)
+        refs = {}
+        for w in wls:
+            try:
+                refs[w] = ref_model.forward(inputs[w][0]).float().cpu()
+            except Exception as e:
+                refs[w] = None
+                if not _is_oom(e):
+                    raise
+        del ref_model
+        _free(device)
+
+        for dname in args.dtypes:
+            dtype = getattr(torch, dname)
+            for spec in specs:
+                why = P.unavailable(spec, device, args.quick)
+                runner = None
+                if why is None:
+                    try:
+                        runner = P.ModelRunner(spec, base, dtype, device)
+                    except Exception as e:
+                        why = _first_line(e)
+                if why is not None:
+                    for mode in args.modes:
+                        rows.append(R.make_row(kind="model", name=label, provider=spec.name, mode=mode, dtype=dname,
+                                               status="skipped", reason=why))
+                    bar.update(per_provider)
+                    continue
+                for w in wls:
+                    bar.set_postfix_str(f"{label} {dname} {spec.name} {w.label()}", refresh=False)
+                    _run_workload(args, device, env, rows, bar, runner, spec, label, cfg, dname, w, inputs[w],
+                                  refs.get(w))
+                del runner
+                _free(device)
+        del base
+        _free(device)
+
+
+def _run_workload(args, device, env, rows, bar, runner, spec, label, cfg, dname, w, sets, ref) -> None:
+    from fastbert.bench import models as M
+    from fastbert.bench import report as R
+    from fastbert.bench import timing
+
+    common = dict(kind="model", name=label, provider=spec.name, dtype=dname, batch=w.batch, seq=w.seq, varlen=w.varlen)
+    # correctness first, on the untrained weights: max |out - HF fp32| over valid tokens
+    err, err_reason = None, None
+    replay = None
+    try:
+        if spec.cudagraph:
+            replay, outs = runner.graphed(sets)
+            replay(0)
+            out = outs[0]
+        else:
+            out = runner.forward(sets[0])
+        if ref is not None:
+            valid = sets[0]["attention_mask"].bool().cpu()
+            err = float((out.float().cpu() - ref).abs()[valid].max()) if valid.any() else 0.0
+            if not math.isfinite(err):
+                err_reason = f"output has NaN/inf at valid tokens (max abs err {err})"
+        del out
+    except Exception as e:
+        reason = "out of memory" if _is_oom(e) else _first_line(e)
+        status = "skipped" if (_is_oom(e) or "BackendUnavailableError" in type(e).__name__) else "error"
+        for mode in args.modes:
+            rows.append(R.make_row(**common, mode=mode, status=status, reason=reason))
+        bar.update(len(args.modes))
+        _free(device)
+        return
+
+    for mode in args.modes:
+        if err_reason is not None:
+            rows.append(R.make_row(**common, mode=mode, status="error", reason=err_reason))
+            bar.update(1)
+            continue
+        if mode == "train" and spec.cudagraph:
+            rows.append(R.make_row(**common, mode=mode, status="skipped",
+                                   reason="the CUDA graphs variant is inference only"))
+            bar.update(1)
+            continue
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            if mode == "infer":
+                fn = replay if replay is not None else (lambda i: runner.forward(sets[i]))
+                t = timing.bench(fn, len(sets), device, quick=args.quick)
+            else:
+                runner.start_training()
+                try:
+                    t = timing.bench(lambda i: runner.train_step(sets[i]), len(sets), device, quick=args.quick)
+                finally:
+                    runner.stop_training()
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+            fig = R.figures(t, tokens=w.tokens, flops=M.model_flops(cfg, w, mode), nbytes=None, dtype=dname, env=env)
+            rows.append(R.make_row(**common, mode=mode, **fig, max_abs_err=err, peak_mem_mb=peak, status="ok"))
+        except Exception as e:
+            reason = "out of memory" if _is_oom(e) else _first_line(e)
+            rows.append(R.make_row(**common, mode=mode, status="skipped" if _is_oom(e) else "error", reason=reason))
+            _free(device)
+        bar.update(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# op level
+# ----------------------------------------------------------------------------------------------
+def op_jobs(args) -> int:
+    from fastbert.bench import opbench as O
+
+    shapes = len(args.op_batch) * len(args.op_seq)
+    n = 0
+    for op in args.ops:
+        variants = 2 if (op == "attention" and not args.no_varlen) else 1
+        n += len(O.op_provider_names(op)) * shapes * variants * len(args.op_modes) * len(args.dtypes)
+    return n
+
+
+def run_ops(args, device, env, rows, bar) -> None:
+    from fastbert.bench import models as M
+    from fastbert.bench import opbench as O
+    from fastbert.bench import report as R
+
+    if not M.is_known(args.op_model):
+        raise SystemExit(f"--op-model: unknown config {args.op_model!r} ({', '.join(M.CONFIGS)})")
+    hidden, _, heads, inter = M.CONFIGS[M.canonical(args.op_model)]
+    dims = (hidden, heads, inter)
+    torch.manual_seed(args.seed)
+    for dname in args.dtypes:
+        dtype = getattr(torch, dname)
+        for op in args.ops:
+            for s in args.op_seq:
+                for b in args.op_batch:
+                    for varlen in ([False, True] if (op == "attention" and not args.no_varlen) else [False]):
+                        lengths = M.varlen_lengths(b, s) if varlen else [s] * b
+                        case = None
+                        for prov in O.op_provider_names(op):
+                            for mode in args.op_modes:
+                                bar.set_postfix_str(f"{op} {dname} {prov} {mode} B{b} S{s}", refresh=False)
+                                common = dict(kind="op", name=op, provider=prov, mode=mode, dtype=dname,
+                                              batch=b, seq=s, varlen=varlen)
+                                try:
+                                    if case is None:
+                                        case = O.make_case(op, dims, b, s, lengths, dtype, device)
+                                    res = O.run_case(case, prov, mode, varlen, device, heads, args.quick)
+                                    t = res["timing"]
+                                    flops = case.flops_fwd if mode == "fwd" else case.flops_bwd
+                                    nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd
+                                    fig = R.figures(t, tokens=sum(lengths), flops=flops, nbytes=nbytes, dtype=dname, env=env)
+                                    err = res["max_abs_err"]
+                                    if not math.isfinite(err):
+                                        rows.append(R.make_row(**common, status="error",
+                                                               reason=f"output has NaN/inf (max abs err {err})"))
+                                    else:
+                                        rows.append(R.make_row(**common, **fig, max_abs_err=err,
+                                                               peak_mem_mb=res["peak_mem_mb"], status="ok"))
+                                except O.Skip as e:
+                                    rows.append(R.make_row(**common, status="skipped", reason=str(e)))
+                                except Exception as e:
+                                    oom = _is_oom(e)
+                                    skip = oom or "BackendUnavailableError" in type(e).__name__
+                                    rows.append(R.make_row(**common, status="skipped" if skip else "error",
+                                                           reason="out of memory" if oom else _first_line(e)))
+                                    _free(device)
+                                bar.update(1)
+                        del case
+                        _free(device)
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev not in ("cuda", "cpu"):
+        raise SystemExit(f"--device: expected cuda or cpu, got {dev!r}")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device(dev)
+    _defaults(args, dev)
+    # fp32 means IEEE fp32 for every provider and for the reference: no TF32 anywhere
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    os.makedirs(args.out, exist_ok=True)
+
+    from tqdm import tqdm
+
+    from fastbert.bench import limits
+    from fastbert.bench import providers as P
+    from fastbert.bench import report as R
+
+    t0 = time.time()
+    env = environment(device, argv, args.quick)
+    print(f"fastbert.bench on {env['device']} ({dev}); measuring this machine's limits...", file=sys.stderr)
+    env.update(limits.measure(device, quick=args.quick))
+    print("limits: " + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in env["peak_tflops"].items())
+          + f", copy {env['bw_gbps']:.3g} GB/s", file=sys.stderr)
+
+    provs = args.providers or P.model_provider_names(device.type)
+    n_models = 0 if args.no_models else (len(args.models) * len(args.dtypes) * len(provs)
+                                        * len(args.batch) * len(args.seq) * (1 if args.no_varlen else 2)
+                                        * len(args.modes))
+    rows: List[dict] = []
+    with tqdm(total=n_models + op_jobs(args), desc="fastbert.bench", unit="case", dynamic_ncols=True) as bar:
+        if not args.no_models:
+            run_models(args, device, env, rows, bar)
+        run_ops(args, device, env, rows, bar)
+    env["wall_s"] = round(time.time() - t0, 1)
+
+    plots = [] if args.no_plots else R.write_plots(args.out, rows)
+    R.write_json(os.path.join(args.out, "results.json"), env, rows)
+    R.write_md(os.path.join(args.out, "results.md"), env, rows, plots)
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{n_ok} rows measured, {len(rows) - n_ok} skipped/error, in {env['wall_s']} s; "
+          f"wrote {args.out}/results.json, results.md and {len(plots)} plots", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

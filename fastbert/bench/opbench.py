@@ -1,0 +1,273 @@
+"""Op-level cases: each fastbert op against the PyTorch composition it replaces, at a model's shapes.
+
+  attention       fastbert.ops.attention on [B, S, H, D] views of one fused QKV tensor, against
+                  F.scaled_dot_product_attention restricted to each of its backends with
+                  torch.nn.attention.sdpa_kernel (math, flash, efficient, cudnn); varlen cases pass a
+                  key padding mask (SDPA: a bool [B, 1, 1, S] mask, which its flash backend refuses)
+  add_layer_norm  add_layer_norm(x, w, b, residual=r) against F.layer_norm(x + r, ...)
+  linear_gelu     linear_gelu(x, W, b) against F.gelu(F.linear(x, W, b)) and against F.linear alone
+                  (the GEMM a fused epilogue should cost nothing on top of)
+  bias_gelu       bias_gelu(x, b) against F.gelu(x + b)
+
+Modes: "fwd" = an inference forward (no autograd graph); "bwd" = the backward alone, replayed from a
+retained graph with a fixed upstream gradient. FLOPs and bytes (minimum traffic, element size e,
+T = B * S tokens, hidden N, intermediate I, valid lengths L_b):
+  attention     fwd 4 * H * D * sum L_b^2, bwd 2.5 x fwd (5 matmuls instead of 2)
+  linear_gelu   fwd 2 * T * N * I, bwd 4 * T * N * I            (compute-bound: TFLOP/s, % of peak)
+  add_layer_norm fwd (x, residual in; out) 3 * T * N * e, bwd (grad_out, x, residual in; grad out) 4 * T * N * e
+  bias_gelu     fwd 2 * T * I * e, bwd (grad_out, x in; grad_x out) 3 * T * I * e   (memory-bound: GB/s)
+max_abs_err: max |output - float64 reference| (fastbert.reference in float64 on the same inputs) over
+valid tokens; for bwd, over every input gradient (valid tokens; padding queries get a zero upstream
+gradient so every provider's valid-token gradients are defined the same way).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastbert import reference
+from fastbert.bench import providers as P
+from fastbert.bench import timing
+
+OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu")
+SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
+
+
+def op_provider_names(op: str) -> List[str]:
+    fast = [f"fastbert-{b}" for b in P.FASTBERT_BACKENDS]
+    if op == "attention":
+        return fast + [f"torch-sdpa-{b}" for b in SDPA_BACKENDS]
+    if op == "add_layer_norm":
+        return fast + ["torch-add+layer_norm"]
+    if op == "linear_gelu":
+        return fast + ["torch-linear+gelu", "torch-linear"]
+    if op == "bias_gelu":
+        return fast + ["torch-add+gelu"]
+    raise ValueError(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+
+
+class Skip(Exception):
+    """This provider cannot run this case here; the message says why."""
+
+
+@dataclasses.dataclass
+class Case:
+    """Inputs of one op case: `sets[i]` is a tuple of tensors; `valid` a bool mask over tokens [B, S]."""
+    op: str
+    sets: list
+    valid: torch.Tensor
+    grad_idx: tuple          # which tensors of a set get gradients in "bwd"
+    flops_fwd: Optional[float]
+    bytes_fwd: Optional[float]
+    flops_bwd: Optional[float]
+    bytes_bwd: Optional[float]
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+
+def make_case(op: str, dims: tuple, batch: int, seq: int, lengths, dtype, device, n_sets: Optional[int] = None) -> Case:
+    """dims = (hidden, heads, intermediate). `lengths` = valid length per sequence (attention only)."""
+    hidden, heads, inter = dims
+    d = hidden // heads
+    T = batch * seq
+    e = torch.tensor([], dtype=dtype).element_size()
+    valid = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    for b, n in enumerate(lengths):
+        valid[b, :n] = True
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    if op == "attention":
+        per_set = 3 * T * hidden * e
+        fl = 4.0 * heads * d * sum(n * n for n in lengths)
+        make = lambda: (rnd(batch, seq, 3, heads, d),)  # noqa: E731
+        cfg = dict(grad_idx=(0,), flops_fwd=fl, bytes_fwd=None, flops_bwd=2.5 * fl, bytes_bwd=None)
+    elif op == "add_layer_norm":
+        per_set = 2 * T * hidden * e
+        make = lambda: (rnd(batch, seq, hidden), rnd(batch, seq, hidden), 1.0 + rnd(hidden, scale=0.1),  # noqa: E731
+                        rnd(hidden, scale=0.1))
+        cfg = dict(grad_idx=(0, 1, 2, 3), flops_fwd=None, bytes_fwd=3.0 * T * hidden * e, flops_bwd=None,
+                   bytes_bwd=4.0 * T * hidden * e)
+    elif op == "linear_gelu":
+        per_set = T * hidden * e
+        w, b = rnd(inter, hidden, scale=hidden ** -0.5), rnd(inter, scale=0.1)  # weights shared, like a model's
+        make = lambda: (rnd(batch, seq, hidden), w, b)  # noqa: E731
+        fl = 2.0 * T * hidden * inter
+        cfg = dict(grad_idx=(0, 1, 2), flops_fwd=fl, bytes_fwd=None, flops_bwd=2.0 * fl, bytes_bwd=None)
+    elif op == "bias_gelu":
+        per_set = T * inter * e
+        b = rnd(inter, scale=0.1)
+        make = lambda: (rnd(batch, seq, inter), b)  # noqa: E731
+        cfg = dict(grad_idx=(0, 1), flops_fwd=None, bytes_fwd=2.0 * T * inter * e, flops_bwd=None,
+                   bytes_bwd=3.0 * T * inter * e)
+    else:
+        raise ValueError(f"--ops: unknown op {op!r}")
+    n = n_sets or timing.rotation_count(per_set, torch.device(device))
+    return Case(op, [make() for _ in range(n)], valid, **cfg)
+
+
+def provider_fn(op: str, provider: str, device: torch.device, heads: int) -> Callable:
+    """A callable taking one input set and returning the op's output (raises Skip if it cannot run)."""
+    if provider.startswith("fastbert-"):
+        backend = provider.split("-", 1)[1]
+        why = P.backend_unavailable(backend, device)
+        if why:
+            raise Skip(why)
+        try:
+            import fastbert.ops as fops
+
+            fop = getattr(fops, op)
+        except (ImportError, AttributeError) as e:
+            raise Skip(f"fastbert.ops.{op} is not available: {type(e).__name__}: {e}")
+
+        def run(*xs):
+            with P.forcing(backend):
+                return _call_fastbert(op, fop, xs, heads)
+        return run
+    if op == "attention":
+        sdpa = _sdpa_backend(provider.rsplit("-", 1)[1])
+
+        def run(qkv, mask=None):
+            from torch.nn.attention import sdpa_kernel
+
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, S, D] strided views
+            with sdpa_kernel([sdpa]):
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return o.transpose(1, 2)
+        return run
+    if provider == "torch-add+layer_norm":
+        return lambda x, r, w, b: F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-12)
+    if provider == "torch-linear+gelu":
+        return lambda x, w, b: F.gelu(F.linear(x, w, b))
+    if provider == "torch-linear":
+        return lambda x, w, b: F.linear(x, w, b)
+    if provider == "torch-add+gelu":
+        return lambda x, b: F.gelu(x + b)
+    raise ValueError(f"unknown op provider {provider!r} for {op}")
+
+
+def _call_fastbert(op, fop, xs, heads):
+    if op == "attention":
+        qkv, mask = xs[0], (xs[1] if len(xs) > 1 else None)
+        q, k, v = qkv.unbind(2)
+        return fop(q, k, v, attention_mask=mask)
+    if op == "add_layer_norm":
+        x, r, w, b = xs
+        return fop(x, w, b, residual=r, eps=1e-12)
+    return fop(*xs)
+
+
+def reference_fn(op: str, provider: str) -> Callable:
+    """The float64 oracle for a provider's output (F.linear alone for torch-linear)."""
+    if op == "attention":
+        def ref(qkv, mask=None):
+            q, k, v = qkv.unbind(2)
+            return reference.attention(q, k, v, attention_mask=mask)
+        return ref
+    if op == "add_layer_norm":
+        return lambda x, r, w, b: reference.add_layer_norm(x, w, b, residual=r, eps=1e-12)
+    if op == "linear_gelu":
+        if provider == "torch-linear":
+            return lambda x, w, b: F.linear(x, w, b)
+        return lambda x, w, b: reference.linear_gelu(x, w, b)
+    if op == "bias_gelu":
+        return lambda x, b: reference.bias_gelu(x, b)
+    raise ValueError(op)
+
+
+def _args(case: Case, i: int, varlen: bool, for_sdpa: bool):
+    xs = case.sets[i]
+    if case.op == "attention" and varlen:
+        mask = case.valid[:, None, None, :] if for_sdpa else case.valid
+        return xs + (mask,)
+    return xs
+
+
+def _valid_mask(case: Case, t: torch.Tensor) -> Optional[torch.Tensor]:
+    """case.valid broadcast to a [B, S, ...] tensor; None for tensors that are not per token."""
+    B, S = case.valid.shape
+    if t.dim() >= 2 and tuple(t.shape[:2]) == (B, S):
+        return case.valid.reshape(B, S, *([1] * (t.dim() - 2))).expand_as(t)
+    return None
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor, valid: Optional[torch.Tensor]) -> float:
+    d = (a.detach().double() - ref.detach().double()).abs()
+    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+    if valid is not None:
+        d = d[valid]
+    return float(d.max()) if d.numel() else 0.0
+
+
+def run_case(case: Case, provider: str, mode: str, varlen: bool, device: torch.device, heads: int,
+             quick: bool) -> dict:
+    """Time one (op, provider, mode) on `case`; returns median/p20/p80 ms, max_abs_err, peak_mem_mb."""
+    fn = provider_fn(case.op, provider, device, heads)
+    sdpa = provider.startswith("torch-sdpa")
+    ref = reference_fn(case.op, provider)
+    n = len(case.sets)
+    args0 = _args(case, 0, varlen, sdpa)
+    ref_args = tuple(t.detach().double() if t.is_floating_point() else t for t in _args(case, 0, varlen, False))
+
+    if mode == "fwd":
+        try:
+            with torch.no_grad():
+                out = fn(*args0)
+        except RuntimeError as e:  # e.g. "No available kernel" from sdpa_kernel, a backend refusal
+            raise Skip(f"{type(e).__name__}: {_first_line(e)}")
+        err = _err(out, ref(*ref_args), _valid_mask(case, out))
+
+        def call(i):
+            with torch.no_grad():
+                fn(*_args(case, i, varlen, sdpa))
+    elif mode == "bwd":
+        leaves, outs, gouts = [], [], []
+        for i in range(n):
+            xs = [t.detach().requires_grad_(j in case.grad_idx) for j, t in enumerate(case.sets[i])]
+            a = tuple(xs) + _args(case, i, varlen, sdpa)[len(xs):]
+            try:
+                o = fn(*a)
+            except RuntimeError as e:
+                raise Skip(f"{type(e).__name__}: {_first_line(e)}")
+            g = torch.randn_like(o)
+            vm = _valid_mask(case, o)
+            if vm is not None:
+                g = g * vm.to(g.dtype)  # padding queries: zero upstream gradient
+            leaves.append([xs[j] for j in case.grad_idx])
+            outs.append(o)
+            gouts.append(g)
+        try:
+            grads = torch.autograd.grad(outs[0], leaves[0], gouts[0], retain_graph=True)
+        except RuntimeError as e:
+            raise Skip(f"{type(e).__name__}: {_first_line(e)}")
+        r_in = [t.detach().double().requires_grad_(j in case.grad_idx) for j, t in enumerate(case.sets[0])]
+        r_out = ref(*(tuple(r_in) + ref_args[len(r_in):]))
+        r_grads = torch.autograd.grad(r_out, [r_in[j] for j in case.grad_idx], gouts[0].double())
+        err = max(_err(g, rg, _valid_mask(case, g)) for g, rg in zip(grads, r_grads))
+
+        def call(i):
+            torch.autograd.grad(outs[i], leaves[i], gouts[i], retain_graph=True)
+    else:
+        raise ValueError(mode)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = timing.bench(call, n, device, quick=quick)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return {"timing": t, "max_abs_err": err, "peak_mem_mb": peak}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return "; ".join(lines[:3])[:400] if lines else type(e).__name__
