@@ -1,0 +1,171 @@
+"""The benchmark runner (python -m fastbert.bench) end to end on a tiny grid, and its pure helpers.
+
+The end-to-end run uses the `bert-tiny` config (hidden 128, 2 layers) at S = 16 so that it finishes
+in seconds on 2 CPU cores; it checks the results.json schema, that results.md and the PNG plots are
+written, that every provider that cannot run here is a row with status "skipped" and a reason, and
+that measured rows carry sane figures (including the error against HF fp32).
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from fastbert.bench import models as M
+from fastbert.bench import providers as P
+from fastbert.bench import report as R
+from fastbert.bench import timing
+from fastbert.bench.__main__ import main
+
+ISSUE_ENV_KEYS = {"device", "device_kind", "torch", "triton", "transformers", "fastbert", "commit"}
+ISSUE_ROW_KEYS = {"kind", "name", "provider", "mode", "dtype", "batch", "seq", "varlen", "median_ms", "p20_ms",
+                  "p80_ms", "tokens_per_s", "tflops", "pct_peak", "gbps", "pct_bw", "max_abs_err", "peak_mem_mb"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # one thread: on a busy 2-core machine OpenMP barriers make a tiny model's timings (and this
+    # test's run time) balloon; the figures are not what is tested here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["--quick", "--device", "cpu", "--models", "bert-tiny", "--batch", "2", "--seq", "16",
+                   "--providers", "hf-eager,hf-sdpa,hf-sdpa-compile,fastbert,fastbert-triton",
+                   "--ops", "add_layer_norm,attention", "--op-model", "bert-tiny", "--op-batch", "1",
+                   "--op-seq", "16", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    with open(out / "results.json") as f:
+        data = json.load(f)
+    return out, data
+
+
+def test_results_json_schema(quick_run):
+    _, data = quick_run
+    assert set(data) == {"env", "rows"}
+    env = data["env"]
+    assert ISSUE_ENV_KEYS <= set(env)
+    assert env["device_kind"] == "cpu"
+    assert env["torch"] == torch.__version__
+    assert env["peak_tflops"]["float32"] > 0 and env["bw_gbps"] > 0
+    assert env["command"].startswith("python -m fastbert.bench --quick")
+    rows = data["rows"]
+    assert rows
+    for r in rows:
+        # exactly the issue's keys, plus status and the reason a row was not measured
+        assert set(r) == ISSUE_ROW_KEYS | {"status", "reason"}, r
+        assert r["kind"] in ("model", "op")
+        assert r["status"] in R.STATUSES
+        assert r["mode"] in ("infer", "train", "fwd", "bwd")
+    kinds = {(r["kind"], r["name"]) for r in rows}
+    assert kinds == {("model", "bert-tiny"), ("op", "add_layer_norm"), ("op", "attention")}
+
+
+def test_measured_rows_are_sane(quick_run):
+    _, data = quick_run
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    providers = {(r["kind"], r["provider"], r["varlen"]) for r in ok}
+    # the HF baselines run everywhere, on the grid shape and on the varlen workload
+    for p in ("hf-eager", "hf-sdpa"):
+        assert ("model", p, False) in providers and ("model", p, True) in providers
+    assert ("op", "torch-add+layer_norm", False) in providers
+    assert ("op", "torch-sdpa-math", True) in providers
+    for r in ok:
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+        assert r["median_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["reason"] is None
+        assert math.isfinite(r["max_abs_err"])
+        assert r["max_abs_err"] < 1e-4, r  # fp32 against an fp32/fp64 reference: rounding level
+        assert r["peak_mem_mb"] is None  # CPU: no allocator statistics
+        if r["kind"] == "model":
+            assert r["tflops"] > 0 and r["pct_peak"] > 0 and r["gbps"] is None
+            assert r["dtype"] == "float32" and r["mode"] == "infer" and r["batch"] == 2 and r["seq"] == 16
+    # hf-eager is the yardstick itself
+    assert all(r["max_abs_err"] == 0.0 for r in ok if r["provider"] == "hf-eager")
+    # varlen rows count only valid tokens: fewer tokens/s-worth of work than the grid shape
+    lengths = M.varlen_lengths(2, 16)
+    assert sum(lengths) < 32
+    # memory-bound op: GB/s, no TFLOP/s
+    ln = [r for r in ok if r["name"] == "add_layer_norm"]
+    assert ln and all(r["gbps"] > 0 and r["tflops"] is None for r in ln)
+
+
+def test_skipped_providers_carry_reason(quick_run):
+    _, data = quick_run
+    not_ok = [r for r in data["rows"] if r["status"] != "ok"]
+    assert not_ok
+    for r in not_ok:
+        assert isinstance(r["reason"], str) and r["reason"].strip(), r
+        assert r["median_ms"] is None and r["max_abs_err"] is None
+    by_provider = {(r["kind"], r["provider"]): r for r in not_ok}
+    assert "interpreter is not a benchmark" in by_provider[("model", "fastbert-triton")]["reason"]
+    assert by_provider[("model", "hf-sdpa-compile")]["status"] == "skipped"
+    assert "--quick" in by_provider[("model", "hf-sdpa-compile")]["reason"]
+    assert "interpreter is not a benchmark" in by_provider[("op", "fastbert-triton")]["reason"]
+    assert "cuda" in by_provider[("op", "fastbert-cuda")]["reason"]
+
+
+def test_markdown_and_plots_written(quick_run):
+    out, data = quick_run
+    md = (out / "results.md").read_text()
+    assert "## model bert-tiny, float32, infer" in md
+    assert "## Not run" in md and "fastbert-triton" in md
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert "speedup_bert-tiny_float32_infer.png" in pngs
+    assert "latency_bert-tiny_float32_infer.png" in pngs
+    assert "roofline_float32_fwd.png" in pngs
+    for p in pngs:
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({p})" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers
+# ----------------------------------------------------------------------------------------------
+def test_varlen_distribution_mean_is_0_6_of_max():
+    lengths = M.varlen_lengths(4000, 512)
+    assert all(1 <= n <= 512 for n in lengths)
+    assert abs(sum(lengths) / len(lengths) / 512 - 0.6) < 0.01
+    assert M.varlen_lengths(8, 128) == M.varlen_lengths(8, 128)  # seeded: same workload every run
+
+
+def test_model_flops_formula():
+    cfg = M.make_config("bert-base")
+    w = M.Workload(2, 128, False, (128, 128))
+    per_layer_params = 4 * 768 * 768 + 2 * 768 * 3072
+    fwd = 2 * 12 * per_layer_params * 256 + 4 * 12 * 768 * (2 * 128 * 128)
+    assert M.model_flops(cfg, w, "infer") == fwd
+    assert M.model_flops(cfg, w, "train") == 3 * fwd
+
+
+def test_provider_names_parse():
+    for dev in ("cpu", "cuda"):
+        for name in P.model_provider_names(dev):
+            assert P.parse(name).name == name
+    assert P.parse("fastbert-triton-cudagraph").padding_free is False
+    assert P.parse("fastbert").backend is None and P.parse("fastbert").padding_free
+    with pytest.raises(ValueError, match="provider"):
+        P.parse("fastbert-tpu")
+
+
+def test_timing_summary_and_rotation():
+    t = timing.summarize([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert (t.p20_ms, t.median_ms, t.p80_ms, t.reps) == (1.8, 3.0, 4.2, 5)
+    calls = []
+    res = timing.bench(lambda i: calls.append(i), 3, torch.device("cpu"), quick=True)
+    assert res.reps >= timing.SETTINGS[("cpu", True)].min_reps
+    assert set(calls) == {0, 1, 2}  # every input set is used
+    assert timing.rotation_count(10**9, torch.device("cpu")) == 2
+    assert timing.rotation_count(1, torch.device("cpu")) == 8
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--batch", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--dtypes"):
+        main(["--device", "cpu", "--dtypes", "float8", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--modes"):
+        main(["--device", "cpu", "--modes", "serve", "--out", str(tmp_path)])
