@@ -208,9 +208,9 @@ def _err(a: torch.Tensor, ref: torch.Tensor, valid: Optional[torch.Tensor]) -> f
     return float(d.max()) if d.numel() else 0.0
 
 
-def run_case(case: Case, provider: str, mode: str, varlen: bool, device: torch.device, heads: int,
-             quick: bool) -> dict:
-    """Time one (op, provider, mode) on `case`; returns median/p20/p80 ms, max_abs_err, peak_mem_mb."""
+def prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.device, heads: int):
+    """(call(i), max_abs_err): `call(i)` runs one (op, provider, mode) on input set i; the error is
+    measured on set 0 against the float64 reference. Raises Skip if the provider cannot run here."""
     fn = provider_fn(case.op, provider, device, heads)
     sdpa = provider.startswith("torch-sdpa")
     ref = reference_fn(case.op, provider)
@@ -258,7 +258,14 @@ def run_case(case: Case, provider: str, mode: str, varlen: bool, device: torch.d
             torch.autograd.grad(outs[i], leaves[i], gouts[i], retain_graph=True)
     else:
         raise ValueError(mode)
+    return call, err
 
+
+def run_case(case: Case, provider: str, mode: str, varlen: bool, device: torch.device, heads: int,
+             quick: bool) -> dict:
+    """Time one (op, provider, mode) on `case`; returns timing, max_abs_err, peak_mem_mb."""
+    call, err = prepare(case, provider, mode, varlen, device, heads)
+    n = len(case.sets)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
