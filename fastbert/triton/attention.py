@@ -41,9 +41,13 @@ Padding and what it holds:
     (as Hugging Face's eager attention does), so its output is finite and defined.
   - a row that sees no key at all (a fully padded sequence; never with causal) gets out = 0,
     lse = +inf and zero gradients.
-  - attn_bias values below -1e30 (including -inf) are clamped to -1e30 before the exponentials: a
-    row whose keys all carry such a bias averages them uniformly, as softmax over HF's finfo.min
-    masks does, instead of producing NaN.
+  - an attn_bias value below -1e20 (HF's fp32/bf16 finfo.min additive masks, -inf) masks its key
+    exactly like a padding key: probability 0, and a row left with no key gives 0 (HF would give a
+    uniform average, an artefact of finfo.min absorbing the scores). Without this, such a score
+    (~-1e38 * log2 e) overflows to -inf or absorbs q.k and log(l), and the backward pass could not
+    recompute P from lse. Larger biases (fp16's -65504, the old -10000) are added as they are.
+  - the backward clamps the recomputed exponent s - lse at 0 (P <= 1 exactly), so rounding in a
+    saved lse can never produce an overflowing P.
 """
 from __future__ import annotations
 
@@ -59,8 +63,8 @@ from fastbert.ops._common import new_empty
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# bias floor (natural units): far below any real score, yet finite after * log2(e) in fp32
-BIAS_FLOOR = -1.0e30
+# an additive bias below this (natural units) masks its key (see the module doc)
+BIAS_MASKED = -1.0e20
 
 _INTERPRET = backends.triton_interpreter()
 
@@ -101,10 +105,11 @@ def _key_range(Mask, b, stride_mb, stride_mn, len_k, BLOCK_N: tl.constexpr, HAS_
 
 @triton.jit
 def _load_bias(Bias, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k):
-    """Bias tile [BLOCK_M, BLOCK_N] in fp32, base-2 units, floored (see module doc)."""
+    """Bias tile [BLOCK_M, BLOCK_N] in fp32, base-2 units; -inf where it masks (see module doc)."""
     bmask = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
     bias = tl.load(Bias + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=bmask, other=0.0)
-    return tl.maximum(bias.to(tl.float32), BIAS_FLOOR) * LOG2E
+    bias = bias.to(tl.float32)
+    return tl.where(bias < BIAS_MASKED, float("-inf"), tl.maximum(bias, BIAS_MASKED) * LOG2E)
 
 
 @triton.jit
@@ -320,7 +325,7 @@ def _attention_bwd_dkdv_kernel(
         sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
         if HAS_BIAS:
             sT += tl.trans(_load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k))
-        pT = tl.math.exp2(sT - lse2[None, :])
+        pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))
         visible = key_ok[:, None]
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :])
@@ -412,7 +417,7 @@ def _attention_bwd_dq_kernel(
         s = tl.dot(q, kT, input_precision="ieee") * qk_scale
         if HAS_BIAS:
             s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
         visible = n_ok[None, :]
         if HAS_MASK:
             key_ok = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0

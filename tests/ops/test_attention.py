@@ -1,0 +1,444 @@
+"""fastbert.ops.attention vs the float64 reference, forward and backward, on every backend that runs here.
+
+On CPU the Triton kernels run in the interpreter (slow), so the CPU grid is a curated subset of
+backend x dtype x head dim x sequence length x mask mode; the gpu-marked twins run the full product.
+bf16 runs only on a GPU: the Triton interpreter's bf16 tl.dot and fp32->bf16 rounding are wrong
+(an interpreter gap, not a kernel bug).
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+import fastbert
+from fastbert import backends, reference
+from fastbert.ops import _common
+from fastbert.ops.attention import attention
+from fastbert.testing import assert_no_worse
+from tests.helpers import DEVICES, HAS_CUDA, require_backend
+
+KERNELS = ("attention_fwd", "attention_bwd")
+BACKENDS = ["triton", "cpu", "cuda"]
+MODES = ["none", "padding", "varlen", "causal", "bias"]
+
+
+def _backend_device():
+    return [pytest.param(b, d.values[0], id=f"{b}-{d.values[0]}", marks=d.marks)
+            for b in BACKENDS for d in DEVICES]
+
+
+def _require(backend, device):
+    require_backend(backend, device, KERNELS)
+
+
+def _rand(shape, dtype, device):
+    # drawn in float64 and rounded once, so the float64 reference sees exactly the kernel's inputs
+    return torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+
+
+def _lengths(B, S):
+    """Real tokens per sequence: one full, one partial, the last fully padded when B >= 3."""
+    lens = [S, max(1, (S + 1) // 2), 0][:B]
+    return lens + [S] * (B - len(lens))
+
+
+# ----------------------------------------------------------------------------------------------
+# building a case and checking it
+# ----------------------------------------------------------------------------------------------
+def _build(mode, B, H, S, D, dtype, device, Sk=None):
+    """(q, k, v, kwargs) for one mask mode."""
+    Sk = S if Sk is None else Sk
+    if mode == "varlen":
+        lens = [n for n in _lengths(B, S)]
+        total = sum(lens)
+        q, k, v = (_rand((total, H, D), dtype, device) for _ in range(3))
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+        return q, k, v, dict(cu_seqlens=cu, max_seqlen=max(lens))
+    q = _rand((B, S, H, D), dtype, device)
+    k, v = (_rand((B, Sk, H, D), dtype, device) for _ in range(2))
+    kw = {}
+    if mode in ("padding", "causal_padding"):
+        mask = torch.zeros(B, Sk, dtype=torch.int64, device=device)
+        for b, n in enumerate(_lengths(B, Sk)):
+            if b == 1:  # left padding: exercises the skipped key blocks at the start
+                mask[b, Sk - n:] = 1
+            else:
+                mask[b, :n] = 1
+        kw["attention_mask"] = mask
+    if mode in ("causal", "causal_padding"):
+        kw["causal"] = True
+    if mode == "bias":
+        kw["attn_bias"] = _rand((B, H, S, Sk), torch.float32, device)
+    return q, k, v, kw
+
+
+def _run(fn, q, k, v, g, kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    out.backward(g)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check(backend, q, k, v, kw, *, dropout_p=0.0, seed_value=None, batches=None):
+    """Backend vs float64 reference and vs the reference at the input dtype (the yardstick), on the
+    sequences `batches` (padded layout; default all)."""
+    dtype = q.dtype
+    g = _rand(q.shape, dtype, q.device)
+
+    def fused(q, k, v, **kw):
+        if seed_value is not None:
+            torch.manual_seed(seed_value)
+        with fastbert.use_backend(backend):
+            return attention(q, k, v, dropout_p=dropout_p, **kw)
+
+    def ref(q, k, v, **kw):
+        seed = None
+        if seed_value is not None:
+            torch.manual_seed(seed_value)
+            seed = reference.make_seed(q.device)
+        return reference.attention(q, k, v, dropout_p=dropout_p, seed=seed, **kw)
+
+    got = _run(fused, q, k, v, g, kw)
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
+    want = _run(ref, q.double(), k.double(), v.double(), g.double(), kw64)
+    yard = _run(ref, q, k, v, g, kw)
+    for name, a, y, w in zip(("out", "dq", "dk", "dv"), got, yard, want):
+        assert a.shape == w.shape and a.dtype == dtype, name
+        if batches is not None:
+            a, y, w = a[batches], y[batches], w[batches]
+        assert_no_worse(f"{backend} {name}", a, y, w, dtype=dtype)
+    return got
+
+
+# ----------------------------------------------------------------------------------------------
+# the grid: curated on CPU (interpreter time), full on the GPU
+# ----------------------------------------------------------------------------------------------
+def _cpu_cases():
+    cases = []
+    for mode in MODES:
+        for S in (1, 7, 129):
+            for dtype in (torch.float32, torch.float16):
+                cases.append((mode, dtype, 32, S))
+    cases += [
+        ("none", torch.float16, 16, 64), ("padding", torch.float32, 16, 7),
+        ("none", torch.float32, 64, 64), ("padding", torch.float16, 64, 200),
+        ("causal", torch.float32, 64, 64), ("bias", torch.float16, 64, 64),
+        ("varlen", torch.float16, 64, 200),
+        ("padding", torch.float16, 80, 64), ("varlen", torch.float32, 128, 7),
+        ("causal_padding", torch.float32, 32, 129), ("causal_padding", torch.float16, 64, 7),
+    ]
+    return cases
+
+
+def _grid():
+    params = []
+    for mode, dtype, D, S in _cpu_cases():
+        params.append(pytest.param("cpu", mode, dtype, D, S, id=f"cpu-{mode}-{str(dtype)[6:]}-d{D}-s{S}"))
+    for mode, dtype, D, S in itertools.product(MODES + ["causal_padding"],
+                                               (torch.float32, torch.float16, torch.bfloat16),
+                                               (16, 32, 64, 80, 96, 128), (1, 7, 64, 129, 200, 511)):
+        params.append(pytest.param("cuda", mode, dtype, D, S, marks=pytest.mark.gpu,
+                                   id=f"cuda-{mode}-{str(dtype)[6:]}-d{D}-s{S}"))
+    return params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,mode,dtype,D,S", _grid())
+def test_forward_backward(backend, device, mode, dtype, D, S):
+    _require(backend, device)
+    B = 3 if mode in ("padding", "varlen") else 2
+    H = 2 if device == "cpu" else 3
+    q, k, v, kw = _build(mode, B, H, S, D, dtype, device)
+    _check(backend, q, k, v, kw)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_attention_lengths(backend, device, dtype):
+    # Sq != Sk (queries from one sequence, keys from another), with a key padding mask
+    _require(backend, device)
+    q, k, v, kw = _build("padding", 3, 2, 7, 32, dtype, device, Sk=70)
+    _check(backend, q, k, v, kw)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+def test_head_dim_not_power_of_two(backend, device):
+    # TinyBERT-312 has head dim 26: Triton masks the padded lanes of D; the C++ kernels send it to torch
+    _require(backend, device)
+    q, k, v, kw = _build("padding", 3, 2, 9, 26, torch.float32, device)
+    if backend != "triton":
+        with pytest.raises(backends.BackendUnavailableError, match="head dim 26"):
+            with fastbert.use_backend(backend):
+                attention(q, k, v, **kw)
+        return
+    _check(backend, q, k, v, kw)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("bias_shape", ["k", "b11k", "1hqk", "bhqk_fp16", "hf_min"])
+def test_bias_broadcast(backend, device, bias_shape):
+    _require(backend, device)
+    B, H, S, D = 2, 2, 19, 32
+    dtype = torch.float32
+    q, k, v, _ = _build("none", B, H, S, D, dtype, device)
+    if bias_shape == "k":
+        bias = _rand((S,), dtype, device)
+    elif bias_shape == "b11k":
+        bias = _rand((B, 1, 1, S), dtype, device)
+    elif bias_shape == "1hqk":
+        bias = _rand((1, H, S, S), dtype, device)
+    elif bias_shape == "bhqk_fp16":
+        bias = _rand((B, H, S, S), torch.float16, device)
+    else:
+        # an HF 4-D additive mask: finfo.min on padding keys, the whole second sequence padded. A bias
+        # that low masks its key like the padding mask: the padded sequence gives 0 (HF: a uniform
+        # average), its gradients are 0, and the valid sequence matches the reference.
+        keep = torch.ones(B, S, dtype=torch.bool, device=device)
+        keep[0, 11:] = False
+        keep[1, :] = False
+        bias = torch.zeros(B, 1, 1, S, dtype=dtype, device=device).masked_fill(~keep[:, None, None, :],
+                                                                             torch.finfo(dtype).min)
+        got = _check(backend, q, k, v, {"attn_bias": bias}, batches=slice(0, 1))
+        for t in got:
+            assert torch.equal(t[1], torch.zeros_like(t[1]))
+        return
+    _check(backend, q, k, v, {"attn_bias": bias})
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_views_of_fused_qkv(backend, device, dtype):
+    # one fused projection output [B, S, 3 * H * D] viewed as q, k, v [B, S, H, D] without copies
+    _require(backend, device)
+    B, S, H, D = 3, 33, 2, 32
+    qkv = _rand((B, S, 3 * H * D), dtype, device)
+    q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
+    assert not q.is_contiguous()
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[1, 20:] = False
+    got = _check(backend, q, k, v, {"attention_mask": mask})
+    assert got[0].is_contiguous() and got[0].shape == (B, S, H, D)
+
+    # the gradient reaches the fused tensor, equal to the per-view gradients
+    qkv_leaf = qkv.detach().clone().requires_grad_()
+    g = _rand((B, S, H, D), dtype, device)
+    with fastbert.use_backend(backend):
+        out = attention(*qkv_leaf.view(B, S, 3, H, D).unbind(2), attention_mask=mask)
+    out.backward(g)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with fastbert.use_backend(backend):
+        attention(q2, k2, v2, attention_mask=mask).backward(g)
+    torch.testing.assert_close(qkv_leaf.grad.view(B, S, 3, H, D),
+                               torch.stack([q2.grad, k2.grad, v2.grad], 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("mode", ["padding", "varlen", "causal"])
+def test_dropout_matches_reference_stream(backend, device, mode):
+    # same torch seed -> same Philox mask as the reference, forward and backward
+    _require(backend, device)
+    dtype = torch.float32
+    q, k, v, kw = _build(mode, 3, 2, 37, 32, dtype, device)
+    got = _check(backend, q, k, v, kw, dropout_p=0.3, seed_value=1234)
+    # and it really drops: a different seed changes the output
+    torch.manual_seed(99)
+    with fastbert.use_backend(backend):
+        other = attention(q, k, v, dropout_p=0.3, **kw)
+    assert not torch.equal(other, got[0])
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_all_zero_mask_gives_zeros_and_finite_grads(backend, device, dtype):
+    _require(backend, device)
+    B, S, H, D = 2, 9, 2, 16
+    q, k, v, _ = _build("none", B, S=S, H=H, D=D, dtype=dtype, device=device)
+    mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with fastbert.use_backend(backend):
+        out = attention(q, k, v, attention_mask=mask)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.backward(_rand(out.shape, dtype, device))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad, torch.zeros_like(t.grad))
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+def test_varlen_edge_cases(backend, device):
+    # a zero-length sequence in the middle, max_seqlen larger than needed, and no host sync needed
+    _require(backend, device)
+    lens = [5, 0, 17, 1]
+    H, D = 2, 32
+    total = sum(lens)
+    q, k, v = (_rand((total, H, D), torch.float32, device) for _ in range(3))
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+    _check(backend, q, k, v, dict(cu_seqlens=cu, max_seqlen=40))
+    _check(backend, q, k, v, dict(cu_seqlens=cu, causal=True))
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+def test_lse_is_logsumexp_and_inf_on_empty_rows(backend, device):
+    _require(backend, device)
+    B, S, H, D = 2, 11, 2, 16
+    q, k, v, _ = _build("none", B, H, S, D, torch.float32, device)
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[1] = False
+    mask[0, 7:] = False
+    scale = 0.3
+    fwd = _common.kernel(backend, "attention", "attention_fwd")
+    out, lse = fwd(q, k, v, mask, None, None, S, False, scale, 0.0, None)
+    assert lse.shape == (B, H, S) and lse.dtype == torch.float32
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    want = torch.logsumexp(scores, -1)
+    torch.testing.assert_close(lse[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(lse[1]).all() and (lse[1] > 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    for shape in [(0, 7, 2, 32), (2, 0, 2, 32)]:
+        q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+        out = attention(q, k, v)
+        assert out.shape == shape
+        out.sum().backward()
+        assert q.grad.shape == shape
+    q = torch.randn(0, 2, 32, device=device)
+    out = attention(q, q, q, cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device))
+    assert out.shape == (0, 2, 32)
+
+
+def test_bias_requiring_grad_falls_back_to_torch():
+    q, k, v, _ = _build("none", 1, 2, 5, 16, torch.float32, "cpu")
+    bias = torch.randn(1, 2, 5, 5, requires_grad=True)
+    out = attention(q, k, v, attn_bias=bias)
+    assert backends.last_decisions()["attention"].backend == "torch"
+    out.sum().backward()
+    assert bias.grad is not None
+    with pytest.raises(backends.BackendUnavailableError, match="attn_bias requires grad"):
+        with fastbert.use_backend("triton"):
+            attention(q, k, v, attn_bias=bias)
+
+
+def test_float64_runs_on_torch():
+    q, k, v, kw = _build("padding", 3, 2, 5, 16, torch.float64, "cpu")
+    out = attention(q, k, v, **kw)
+    assert backends.last_decisions()["attention"].backend == "torch"
+    torch.testing.assert_close(out, reference.attention(q, k, v, **kw), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+def _bad_cases():
+    q = torch.randn(2, 5, 2, 16)
+    p = torch.randn(9, 2, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    return [
+        ("q rank", TypeError, "q must be a torch.Tensor", dict(q=[1.0], k=q, v=q)),
+        ("q rank", ValueError, "q must be", dict(q=torch.randn(5, 2, 16), k=q, v=q)),
+        ("k dtype", TypeError, "k has dtype", dict(q=q, k=q.half(), v=q)),
+        ("int q", TypeError, "q has dtype", dict(q=q.long(), k=q, v=q)),
+        ("k batch", ValueError, "batch size", dict(q=q, k=torch.randn(3, 5, 2, 16), v=torch.randn(3, 5, 2, 16))),
+        ("v len", ValueError, "k and v", dict(q=q, k=q, v=torch.randn(2, 6, 2, 16))),
+        ("heads", ValueError, "number of heads", dict(q=q, k=torch.randn(2, 5, 3, 16), v=torch.randn(2, 5, 3, 16))),
+        ("head dim", ValueError, "head dim", dict(q=q, k=torch.randn(2, 5, 2, 8), v=q)),
+        ("head dim range", ValueError, "head dim", dict(q=torch.randn(1, 2, 1, 512), k=torch.randn(1, 2, 1, 512),
+                                                        v=torch.randn(1, 2, 1, 512))),
+        ("mask shape", ValueError, "attention_mask must be",
+         dict(q=q, k=q, v=q, attention_mask=torch.ones(2, 4, dtype=torch.int32))),
+        ("mask dtype", TypeError, "attention_mask must be bool or integer",
+         dict(q=q, k=q, v=q, attention_mask=torch.ones(2, 5))),
+        ("mask rank", ValueError, "attention_mask must have 2 dims",
+         dict(q=q, k=q, v=q, attention_mask=torch.ones(2, 1, 5, dtype=torch.bool))),
+        ("bias shape", ValueError, "attn_bias", dict(q=q, k=q, v=q, attn_bias=torch.randn(2, 2, 5, 4))),
+        ("bias rank", ValueError, "attn_bias", dict(q=q, k=q, v=q, attn_bias=torch.randn(1, 2, 2, 5, 5))),
+        ("bias dtype", TypeError, "attn_bias", dict(q=q, k=q, v=q, attn_bias=torch.ones(5, dtype=torch.long))),
+        ("causal lens", ValueError, "causal", dict(q=q, k=torch.randn(2, 6, 2, 16), v=torch.randn(2, 6, 2, 16),
+                                                   causal=True)),
+        ("causal type", TypeError, "causal", dict(q=q, k=q, v=q, causal=1)),
+        ("dropout", ValueError, "dropout_p", dict(q=q, k=q, v=q, dropout_p=1.0)),
+        ("dropout neg", ValueError, "dropout_p", dict(q=q, k=q, v=q, dropout_p=-0.1)),
+        ("scale", TypeError, "scale", dict(q=q, k=q, v=q, scale="x")),
+        ("max_seqlen padded", ValueError, "max_seqlen", dict(q=q, k=q, v=q, max_seqlen=5)),
+        ("cu int64", TypeError, "cu_seqlens must be torch.int32", dict(q=p, k=p, v=p, cu_seqlens=cu.long())),
+        ("cu 2d", ValueError, "cu_seqlens must have 1 dims", dict(q=p, k=p, v=p, cu_seqlens=cu[None])),
+        ("cu decreasing", ValueError, "non-decreasing",
+         dict(q=p, k=p, v=p, cu_seqlens=torch.tensor([0, 6, 4, 9], dtype=torch.int32))),
+        ("cu first", ValueError, "start at 0", dict(q=p, k=p, v=p, cu_seqlens=torch.tensor([1, 9], dtype=torch.int32))),
+        ("cu last", ValueError, "end at", dict(q=p, k=p, v=p, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))),
+        ("cu max_seqlen", ValueError, "max_seqlen", dict(q=p, k=p, v=p, cu_seqlens=cu, max_seqlen=4)),
+        ("cu max_seqlen type", TypeError, "max_seqlen", dict(q=p, k=p, v=p, cu_seqlens=cu, max_seqlen=5.0)),
+        ("packed rank", ValueError, "q must be", dict(q=q, k=q, v=q, cu_seqlens=cu)),
+        ("packed mask", ValueError, "attention_mask", dict(q=p, k=p, v=p, cu_seqlens=cu,
+                                                          attention_mask=torch.ones(2, 5, dtype=torch.bool))),
+        ("packed bias", ValueError, "attn_bias", dict(q=p, k=p, v=p, cu_seqlens=cu, attn_bias=torch.randn(5))),
+        ("packed tokens", ValueError, "same tokens", dict(q=p, k=torch.randn(8, 2, 16), v=torch.randn(8, 2, 16),
+                                                          cu_seqlens=cu)),
+    ]
+
+
+@pytest.mark.parametrize("name,exc,match,args", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs_name_the_argument(name, exc, match, args):
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=match):
+        attention(q, k, v, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library: opcheck, torch.compile
+# ----------------------------------------------------------------------------------------------
+def _op_args(device, packed, dropout):
+    H, D = 2, 16
+    seed = reference.make_seed(device) if dropout else None
+    if packed:
+        lens = [3, 9]
+        q, k, v = (_rand((sum(lens), H, D), torch.float32, device) for _ in range(3))
+        cu = torch.tensor([0, 3, 12], dtype=torch.int32, device=device)
+        return (q, k, v, None, None, cu, 9, False, 0.25, 0.2 if dropout else 0.0, seed)
+    B, S = 2, 9
+    qkv = _rand((B, S, 3, H, D), torch.float32, device)
+    q, k, v = qkv.unbind(2)
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[1, 4:] = False
+    bias = _rand((1, H, S, S), torch.float32, device).expand(B, H, S, S)
+    return (q, k, v, mask, bias, None, S, True, 0.25, 0.2 if dropout else 0.0, seed)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("packed,dropout", [(False, False), (True, True)])
+def test_opcheck(backend, device, packed, dropout):
+    _require(backend, device)
+    args = _op_args(device, packed, dropout)
+    prefix = "triton_" if backend == "triton" else ""
+    fwd = getattr(torch.ops.fastbert, prefix + "attention_fwd")
+    bwd = getattr(torch.ops.fastbert, prefix + "attention_bwd")
+    torch.library.opcheck(fwd, args)
+    out, lse = fwd(*args)
+    g = _rand(out.shape, out.dtype, device)
+    torch.library.opcheck(bwd, (g, *args[:3], out, lse, *args[3:]))
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+def test_torch_compile_traces_through(backend, device):
+    _require(backend, device)
+    q, k, v, kw = _build("padding", 3, 2, 9, 16, torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v, mask):
+        with fastbert.use_backend(backend):
+            return attention(q, k, v, attention_mask=mask) * 2.0
+
+    compiled = torch.compile(f, backend="aot_eager")
+    out = compiled(q, k, v, kw["attention_mask"])
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = f(q, k, v, kw["attention_mask"])
+    want.sum().backward()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for a, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad, rtol=0, atol=0)
