@@ -59,7 +59,7 @@ C.register_fake_both("add_layer_norm_bwd", _bwd_fake)
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
-def _kernel_check(x, weight, **_) -> List[str]:
+def _kernel_check(x, weight, x_bias=None, **_) -> List[str]:
     why = []
     if x.dtype not in C.KERNEL_DTYPES:
         why.append(f"dtype {x.dtype} (kernels take float16, bfloat16, float32)")
@@ -67,6 +67,8 @@ def _kernel_check(x, weight, **_) -> List[str]:
         why.append(f"hidden size {x.shape[-1]} > {MAX_HIDDEN}")
     if weight.dtype not in (x.dtype, torch.float32):
         why.append(f"weight dtype {weight.dtype} is neither x's dtype nor float32")
+    if x_bias is not None and x_bias.dtype not in (x.dtype, torch.float32):
+        why.append(f"x_bias dtype {x_bias.dtype} is neither x's dtype nor float32")
     return why
 
 
@@ -148,8 +150,19 @@ def add_layer_norm(
     decision = DISPATCH.choose(x.device, x=x, weight=weight, bias=bias, residual=residual, x_bias=x_bias)
     seed = reference.make_seed(x.device) if dropout_p > 0.0 else None
     if decision.backend == "torch" or x.numel() == 0:
-        return reference.add_layer_norm(x, weight, bias, residual=residual, x_bias=x_bias, eps=eps,
-                                        dropout_p=dropout_p, seed=seed)
+        # Mixed dtypes (fp32 parameters with fp16/bf16/fp64 x) run in the promoted dtype, which
+        # F.layer_norm accepts on every device; the op returns x's dtype on every backend.
+        ct = x.dtype
+        for t in (weight, bias, x_bias):
+            if t is not None:
+                ct = torch.promote_types(ct, t.dtype)
+
+        def cast(t):
+            return t if t is None or t.dtype == ct else t.to(ct)
+
+        out = reference.add_layer_norm(cast(x), cast(weight), cast(bias), residual=cast(residual),
+                                       x_bias=cast(x_bias), eps=eps, dropout_p=dropout_p, seed=seed)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     x2 = x.reshape(-1, n).contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
     out = _AddLayerNormFn.apply(x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2,

@@ -388,3 +388,32 @@ def test_fake_kernels_give_kernel_shapes():
     fake_b = ln_mod._bwd_fake(x, x, w32, b32, r, xb, real[1], real[2], 0.2, seed)
     for a, c in zip(real_b, fake_b):
         assert (a.shape, a.dtype) == (c.shape, c.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_x_bias_with_bf16_input(backend, device):
+    # the sublayer's output bias may stay fp32 (as weight may); the result is still x's dtype
+    _skip_unless(backend, device)
+    t = _make((7, 312), torch.bfloat16, device, residual=True, x_bias=True, bias=True, w_dtype=torch.float32)
+    t["x_bias"] = t["x_bias"].detach().float().requires_grad_()
+    _check_against_reference(backend, t, eps=1e-12, dropout_p=0.0)
+    with fastbert.use_backend("torch"):
+        assert _call(fastbert.ops.add_layer_norm, t, 1e-12, 0.0).dtype == torch.bfloat16
+
+
+def test_kernels_refuse_float64_x_bias_and_fallback_serves_it():
+    x = torch.randn(3, 16)
+    w, b, xb = torch.randn(16), torch.randn(16), torch.randn(16, dtype=torch.float64)
+    out = fastbert.ops.add_layer_norm(x, w, b, x_bias=xb)  # unforced: falls back to torch
+    assert out.dtype == torch.float32
+    assert fastbert.backends.last_decisions()["add_layer_norm"].backend == "torch"
+    want = reference.add_layer_norm(x.double(), w.double(), b.double(), x_bias=xb).float()
+    assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+    # fp32 parameters with float64 x (F.layer_norm itself refuses that mix on CPU)
+    out64 = fastbert.ops.add_layer_norm(x.double(), w, b, x_bias=xb)
+    assert out64.dtype == torch.float64
+    assert torch.allclose(out64, reference.add_layer_norm(x.double(), w.double(), b.double(), x_bias=xb))
+    require_backend("triton", "cpu", KERNELS)
+    with fastbert.use_backend("triton"), pytest.raises(fastbert.BackendUnavailableError, match="x_bias dtype"):
+        fastbert.ops.add_layer_norm(x, w, b, x_bias=xb)
