@@ -116,7 +116,7 @@ def test_markdown_and_plots_written(quick_run):
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     assert "speedup_bert-tiny_float32_infer.png" in pngs
     assert "latency_bert-tiny_float32_infer.png" in pngs
-    assert "roofline_float32_fwd.png" in pngs
+    assert "roofline_add_layer_norm_float32_fwd.png" in pngs
     for p in pngs:
         assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({p})" in md

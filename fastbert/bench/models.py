@@ -113,7 +113,7 @@ def make_inputs(w: Workload, vocab: int, n_sets: int, device, seed: int = 0) -> 
         mask[b, :n] = 1
     sets = []
     for _ in range(n_sets):
-        ids = torch.randint(1000, vocab, (w.batch, w.seq), generator=g) * mask  # pad id 0
+        ids = torch.randint(min(1000, vocab // 2), vocab, (w.batch, w.seq), generator=g) * mask  # pad id 0
         sets.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
     return sets
 

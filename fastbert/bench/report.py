@@ -63,13 +63,8 @@ def _shape(r) -> str:
     return f"B{r['batch']} S{r['seq']}" + (" varlen" if r["varlen"] else "")
 
 
-def _baseline(rows: List[dict], r: dict, baseline: str) -> Optional[float]:
-    for b in rows:
-        if (b["status"] == "ok" and b["provider"] == baseline and b["kind"] == r["kind"] and b["name"] == r["name"]
-                and b["mode"] == r["mode"] and b["dtype"] == r["dtype"] and b["batch"] == r["batch"]
-                and b["seq"] == r["seq"] and b["varlen"] == r["varlen"]):
-            return b["median_ms"]
-    return None
+def _key(r: dict, provider: str) -> tuple:
+    return (r["kind"], r["name"], r["mode"], r["dtype"], r["batch"], r["seq"], r["varlen"], provider)
 
 
 def model_baseline(kind: str, name: str) -> str:
@@ -81,11 +76,12 @@ def model_baseline(kind: str, name: str) -> str:
 
 def speedups(rows: List[dict]) -> Dict[int, float]:
     """id(row) -> baseline median / row median (model rows: over hf-sdpa; op rows: over the torch composition)."""
+    index = {_key(r, r["provider"]): r["median_ms"] for r in rows if r["status"] == "ok"}
     out = {}
     for r in rows:
         if r["status"] != "ok":
             continue
-        base = _baseline(rows, r, model_baseline(r["kind"], r["name"]))
+        base = index.get(_key(r, model_baseline(r["kind"], r["name"])))
         if base:
             out[id(r)] = base / r["median_ms"]
     return out
@@ -162,7 +158,7 @@ def _safe(s: str) -> str:
 
 
 def write_plots(out_dir: str, rows: List[dict]) -> List[str]:
-    """speedup_<model>_<dtype>_<mode>.png, latency_<model>_<dtype>_<mode>.png, roofline_<dtype>_<mode>.png."""
+    """speedup_<model>_<dtype>_<mode>.png, latency_<model>_<dtype>_<mode>.png, roofline_<op>_<dtype>_<mode>.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,23 +215,31 @@ def write_plots(out_dir: str, rows: List[dict]) -> List[str]:
         plt.close(fig)
         files.append(fn)
     # 3) each op's % of its roofline: % of the matmul peak (compute-bound ops) or of the copy bandwidth
+    #    (memory-bound ops), per shape, one bar per provider
     op_groups = OrderedDict()
     for r in ok:
         if r["kind"] == "op" and (r["pct_peak"] is not None or r["pct_bw"] is not None):
-            op_groups.setdefault((r["dtype"], r["mode"]), []).append(r)
-    for (dtype, mode), rs in op_groups.items():
-        labels = [f"{r['name']} {_shape(r)}\n{r['provider']}" for r in rs]
-        vals = [r["pct_peak"] if r["pct_peak"] is not None else r["pct_bw"] for r in rs]
-        colors = ["tab:blue" if r["pct_peak"] is not None else "tab:orange" for r in rs]
-        fig, ax = plt.subplots(figsize=(7, max(3, 0.28 * len(rs) + 1)))
-        ax.barh(range(len(rs)), vals, color=colors)
-        ax.set_yticks(range(len(rs)))
-        ax.set_yticklabels(labels, fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel("% of roofline (blue: of measured matmul peak; orange: of measured copy bandwidth)")
-        ax.set_title(f"ops {dtype} {mode}")
+            op_groups.setdefault((r["name"], r["dtype"], r["mode"]), []).append(r)
+    for (name, dtype, mode), rs in op_groups.items():
+        shapes = list(OrderedDict.fromkeys(_shape(r) for r in rs))
+        provs = list(OrderedDict.fromkeys(r["provider"] for r in rs))
+        compute = rs[0]["pct_peak"] is not None
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(shapes) * max(1, len(provs))), 4))
+        width = 0.8 / max(1, len(provs))
+        for j, p in enumerate(provs):
+            ys = []
+            for s in shapes:
+                m = [r for r in rs if r["provider"] == p and _shape(r) == s]
+                v = (m[0]["pct_peak"] if compute else m[0]["pct_bw"]) if m else None
+                ys.append(float("nan") if v is None else v)
+            ax.bar([i + j * width for i in range(len(shapes))], ys, width, label=p)
+        ax.set_xticks([i + width * (len(provs) - 1) / 2 for i in range(len(shapes))])
+        ax.set_xticklabels(shapes, rotation=30, ha="right")
+        ax.set_ylabel("% of measured matmul peak" if compute else "% of measured copy bandwidth")
+        ax.set_title(f"{name} {dtype} {mode}: % of roofline")
+        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fn = _safe(f"roofline_{dtype}_{mode}.png")
+        fn = _safe(f"roofline_{name}_{dtype}_{mode}.png")
         fig.savefig(os.path.join(out_dir, fn), dpi=100)
         plt.close(fig)
         files.append(fn)
