@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-seq", type=_ints, default=None, help="op-level sequence lengths (default: --seq)")
     p.add_argument("--op-modes", type=_csv, default=None, help="fwd,bwd")
     p.add_argument("--no-models", action="store_true", help="op level only")
+    p.add_argument("--append", action="store_true",
+                   help="add this run's rows to DIR/results.json of an earlier run on the same device and "
+                        "commit (its measured limits are reused), then rewrite results.md and the plots: "
+                        "a long grid can be run in pieces")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch.set_num_threads(N) for the whole run (default: torch's own choice)")
@@ -421,8 +425,24 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t0 = time.time()
     env = environment(device, argv, args.quick)
-    print(f"fastbert.bench on {env['device']} ({dev}); measuring this machine's limits...", file=sys.stderr)
-    env.update(limits.measure(device, quick=args.quick))
+    old_rows: List[dict] = []
+    json_path = os.path.join(args.out, "results.json")
+    if args.append and os.path.exists(json_path):
+        import json
+
+        with open(json_path) as f:
+            old = json.load(f)
+        for k in ("device", "device_kind", "commit", "torch", "triton", "transformers"):
+            if old["env"].get(k) != env[k]:
+                raise SystemExit(f"--append: {json_path} was measured with {k}={old['env'].get(k)!r}, "
+                                 f"this run has {env[k]!r}; use another --out")
+        command = env["command"]
+        env, old_rows = old["env"], old["rows"]
+        env.setdefault("appended_commands", []).append(command)
+        print(f"fastbert.bench on {env['device']} ({dev}); appending to {json_path}", file=sys.stderr)
+    else:
+        print(f"fastbert.bench on {env['device']} ({dev}); measuring this machine's limits...", file=sys.stderr)
+        env.update(limits.measure(device, quick=args.quick))
     print("limits: " + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in env["peak_tflops"].items())
           + f", copy {env['bw_gbps']:.3g} GB/s", file=sys.stderr)
 
@@ -435,10 +455,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.no_models:
             run_models(args, device, env, rows, bar)
         run_ops(args, device, env, rows, bar)
-    env["wall_s"] = round(time.time() - t0, 1)
+    env["wall_s"] = round(time.time() - t0 + (env.get("wall_s") or 0.0), 1)
+    rows = old_rows + rows
 
     plots = [] if args.no_plots else R.write_plots(args.out, rows)
-    R.write_json(os.path.join(args.out, "results.json"), env, rows)
+    R.write_json(json_path, env, rows)
     R.write_md(os.path.join(args.out, "results.md"), env, rows, plots)
     n_ok = sum(r["status"] == "ok" for r in rows)
     print(f"{n_ok} rows measured, {len(rows) - n_ok} skipped/error, in {env['wall_s']} s; "

@@ -91,6 +91,8 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
     sp = speedups(rows)
     L = ["# fastbert benchmark", ""]
     L.append(f"Command: `{env.get('command')}`  ")
+    for c in env.get("appended_commands") or []:
+        L.append(f"then, appended: `{c}`  ")
     L.append(f"Device: **{env.get('device')}** ({env.get('device_kind')}); torch {env.get('torch')}, "
              f"triton {env.get('triton')}, transformers {env.get('transformers')}, fastbert {env.get('fastbert')}, "
              f"commit {env.get('commit')}; {env.get('date_utc')}")
