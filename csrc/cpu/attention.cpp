@@ -1,0 +1,529 @@
+// attention on CPU: FlashAttention-2 style, tiled, online softmax, no S x S matrix in memory.
+//
+// One task per (sequence b, head h), tasks spread over threads with at::parallel_for; a task owns
+// every output row of its (b, h), so there are no races and the result does not depend on the
+// thread count. Within a task everything is fp32: K and V are converted once (K transposed, so the
+// score tile is a GEMM whose inner loop runs along keys), keys hidden by key_padding_mask are dropped
+// while converting (padding costs no flops; `kidx` maps gathered keys back to their positions for the
+// causal test, attn_bias and the dropout counters), and tiles of BQ queries x BK keys go through a
+// small register-blocked GEMM on at::vec::Vectorized<float> (gemm_f32 below).
+//
+// Forward, per query row i, over key tiles (m = running max, l = running sum, o = running output):
+//   s_j = scale * q_i . k_j + bias_ij          (-inf where masked: padding, causal j > i)
+//   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  c = exp(m - m')
+//   l' = c * l + sum_j p_j;  o' = c * o + sum_j z_ij p_j v_j    (z: dropout factor, 0 or 1/(1-p))
+// and at the end out_i = o / l, lse_i = m + log l. The softmax denominator l sums the undropped p,
+// as the reference does (dropout acts on the normalized probabilities). A row with no visible key
+// keeps m = -inf: out_i = 0, lse_i = +inf.
+//
+// Backward recomputes P_ij = exp(s_ij - lse_i) (0 for lse = +inf) and, with dO the output gradient,
+//   dV_j = sum_i z_ij P_ij dO_i
+//   dP_ij = z_ij dO_i . v_j
+//   dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij = dO_i . out_i
+//   dQ_i = scale * sum_j dS_ij k_j,   dK_j = scale * sum_i dS_ij q_i
+// (Delta_i = dO_i . out_i because out_i = sum_j z_ij P_ij v_j.)
+#include "cpu/common.h"
+
+#include <algorithm>
+
+namespace fastbert {
+namespace cpu {
+namespace {
+
+constexpr const char* kFwd = "attention_fwd";
+constexpr const char* kBwd = "attention_bwd";
+
+constexpr int64_t kCol = 2 * kVec;  // GEMM column step: every padded width is a multiple of it
+constexpr int64_t BQ = 64;          // query rows per tile
+constexpr int64_t BK = 64;          // keys per tile (multiple of kCol)
+static_assert(BK % kCol == 0 && BQ > 0, "BK must be a multiple of the GEMM column step");
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[MR x N] (+)= alpha * A[MR x K] B[K x N], row-major, unit column stride, N % kCol == 0.
+// MR rows x 2 vectors of accumulators stay in registers over the whole K loop.
+template <int MR>
+inline void gemm_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, float alpha, bool accumulate) {
+  for (int64_t j = 0; j < N; j += kCol) {
+    Vec c0[MR], c1[MR];
+    for (int r = 0; r < MR; ++r) c0[r] = c1[r] = Vec(0.f);
+    const float* b = B + j;
+    for (int64_t k = 0; k < K; ++k, b += ldb) {
+      const Vec b0 = Vec::loadu(b), b1 = Vec::loadu(b + kVec);
+      for (int r = 0; r < MR; ++r) {
+        const Vec a(A[r * lda + k]);
+        c0[r] = at::vec::fmadd(a, b0, c0[r]);
+        c1[r] = at::vec::fmadd(a, b1, c1[r]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float* c = C + r * ldc + j;
+      Vec v0 = c0[r], v1 = c1[r];
+      if (alpha != 1.f) {
+        v0 = v0 * Vec(alpha);
+        v1 = v1 * Vec(alpha);
+      }
+      if (accumulate) {
+        v0 = v0 + Vec::loadu(c);
+        v1 = v1 + Vec::loadu(c + kVec);
+      }
+      v0.store(c);
+      v1.store(c + kVec);
+    }
+  }
+}
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+              int64_t ldc, float alpha, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) gemm_rows<4>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+  switch (M - i) {
+    case 3: gemm_rows<3>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    case 2: gemm_rows<2>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    case 1: gemm_rows<1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    default: break;
+  }
+}
+
+// dst[c] += bias[kidx[c]] (element stride `stride`) for c < n; the dtype switch is per row, not per element.
+void add_bias_row(const at::Tensor& bias, const char* row, int64_t stride, const int32_t* kidx, int64_t n, float* dst) {
+  switch (bias.scalar_type()) {
+    case at::kFloat: {
+      const float* p = reinterpret_cast<const float*>(row);
+      for (int64_t c = 0; c < n; ++c) dst[c] += p[kidx[c] * stride];
+      break;
+    }
+    case at::kDouble: {
+      const double* p = reinterpret_cast<const double*>(row);
+      for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<float>(p[kidx[c] * stride]);
+      break;
+    }
+    case at::kHalf: {
+      const at::Half* p = reinterpret_cast<const at::Half*>(row);
+      for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<float>(p[kidx[c] * stride]);
+      break;
+    }
+    case at::kBFloat16: {
+      const at::BFloat16* p = reinterpret_cast<const at::BFloat16*>(row);
+      for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<float>(p[kidx[c] * stride]);
+      break;
+    }
+    default: TORCH_CHECK(false, "fastbert::attention: attn_bias dtype ", bias.scalar_type(), " is not supported");
+  }
+}
+
+inline float hmax(const float* a, int64_t n) {  // n % kVec == 0, n > 0
+  Vec m = Vec::loadu(a);
+  for (int64_t j = kVec; j < n; j += kVec) m = at::vec::maximum(m, Vec::loadu(a + j));
+  float lanes[kVec];
+  m.store(lanes);
+  float r = lanes[0];
+  for (int64_t i = 1; i < kVec; ++i) r = std::max(r, lanes[i]);
+  return r;
+}
+
+// Everything a task needs to find its rows, whatever the layout.
+struct Problem {
+  bool packed = false;
+  int64_t B = 0, H = 0, D = 0, Sq = 0, Sk = 0;
+  int64_t sq_total = 0, sk_total = 0;  // dropout counter strides (Sq, Sk; max_seqlen when packed)
+  const int32_t* cu = nullptr;
+  at::Tensor mask, bias;  // mask bool [B, Sk]; bias expanded to [B, H, Sq, Sk]
+  bool causal = false;
+  float scale = 1.f;
+  Dropout drop;
+
+  // (first row, number of query rows, number of key rows) of sequence b
+  inline void seq(int64_t b, int64_t* start, int64_t* nq, int64_t* nk) const {
+    if (packed) {
+      *start = cu[b];
+      *nq = *nk = cu[b + 1] - cu[b];
+    } else {
+      *start = 0;
+      *nq = Sq;
+      *nk = Sk;
+    }
+  }
+  // element offset of row `i` of (b, h) in a [B, S, H, D] or [total, H, D] tensor
+  inline int64_t row(const at::Tensor& t, int64_t b, int64_t start, int64_t h, int64_t i) const {
+    if (packed) return (start + i) * t.stride(0) + h * t.stride(1);
+    return b * t.stride(0) + i * t.stride(1) + h * t.stride(2);
+  }
+  inline float* lse_row(float* lse, int64_t b, int64_t start, int64_t h) const {
+    if (packed) return lse + h * lse_total + start;
+    return lse + (b * H + h) * Sq;
+  }
+  int64_t lse_total = 0;  // packed: total tokens (lse is [H, total])
+
+  // gathered key positions of sequence b (all of them, or the unmasked ones)
+  void keys(int64_t b, int64_t nk, std::vector<int32_t>& kidx) const {
+    kidx.clear();
+    if (mask.defined()) {
+      const bool* m = mask.data_ptr<bool>() + b * mask.stride(0);
+      for (int64_t j = 0; j < nk; ++j)
+        if (m[j * mask.stride(1)]) kidx.push_back(static_cast<int32_t>(j));
+    } else {
+      for (int64_t j = 0; j < nk; ++j) kidx.push_back(static_cast<int32_t>(j));
+    }
+  }
+
+  // scores tile epilogue: add bias, mask (causal, padded columns) for row i; n_valid real columns
+  inline void mask_row(int64_t b, int64_t h, int64_t i, const int32_t* kidx, int64_t n_valid, int64_t width,
+                       float* s) const {
+    if (bias.defined()) {
+      const char* row = static_cast<const char*>(bias.data_ptr()) +
+                        (b * bias.stride(0) + h * bias.stride(1) + i * bias.stride(2)) * bias.element_size();
+      add_bias_row(bias, row, bias.stride(3), kidx, n_valid, s);
+    }
+    const float ninf = -std::numeric_limits<float>::infinity();
+    if (causal) {
+      for (int64_t c = 0; c < n_valid; ++c)
+        if (kidx[c] > i) s[c] = ninf;
+    }
+    for (int64_t c = n_valid; c < width; ++c) s[c] = ninf;
+  }
+
+  // dropout factors z[c] of row i against gathered keys kidx[0..n)
+  inline void dropout_row(int64_t b, int64_t h, int64_t i, const int32_t* kidx, int64_t n, float* z) const {
+    const uint64_t base = (static_cast<uint64_t>(b * H + h) * sq_total + i) * sk_total;
+    for (int64_t c = 0; c < n; ++c) {
+      const uint32_t r = philox_first(drop.seed, base + static_cast<uint64_t>(kidx[c])) >> 1;
+      z[c] = r >= drop.threshold ? drop.scale : 0.f;
+    }
+  }
+};
+
+// K (transposed, [D][nkp]) and/or V rows ([nkp][Dp]) of the gathered keys, fp32, zero padded.
+template <typename T>
+void load_keys(const Problem& P, const at::Tensor& t, int64_t b, int64_t start, int64_t h, const std::vector<int32_t>& kidx,
+               int64_t nkp, int64_t Dp, float* transposed, float* rows, std::vector<float>& tmp) {
+  const int64_t D = P.D, nk = static_cast<int64_t>(kidx.size());
+  const T* base = t.data_ptr<T>();
+  if (transposed != nullptr) std::fill(transposed, transposed + D * nkp, 0.f);
+  if (rows != nullptr) std::fill(rows, rows + nkp * Dp, 0.f);
+  tmp.resize(D);
+  for (int64_t c = 0; c < nk; ++c) {
+    to_f32(base + P.row(t, b, start, h, kidx[c]), tmp.data(), D);
+    if (transposed != nullptr)
+      for (int64_t d = 0; d < D; ++d) transposed[d * nkp + c] = tmp[d];
+    if (rows != nullptr) std::copy(tmp.begin(), tmp.end(), rows + c * Dp);
+  }
+}
+
+template <typename T>
+void fwd_task(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+              float* lse, int64_t b, int64_t h) {
+  int64_t start, nq, nk_all;
+  P.seq(b, &start, &nq, &nk_all);
+  const int64_t D = P.D, Dp = round_up(D, kCol);
+  std::vector<int32_t> kidx;
+  P.keys(b, nk_all, kidx);
+  const int64_t nk = static_cast<int64_t>(kidx.size()), nkp = round_up(nk, kCol);
+  std::vector<float> Kt(D * nkp), V(nkp * Dp), tmp;
+  load_keys<T>(P, k, b, start, h, kidx, nkp, Dp, Kt.data(), nullptr, tmp);
+  load_keys<T>(P, v, b, start, h, kidx, nkp, Dp, nullptr, V.data(), tmp);
+  std::vector<float> Q(BQ * D), S(BQ * BK), O(BQ * Dp), m(BQ), l(BQ), z(BK);
+  const T* qb = q.data_ptr<T>();
+  T* ob = out.data_ptr<T>();
+  float* lrow = P.lse_row(lse, b, start, h);
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  for (int64_t q0 = 0; q0 < nq; q0 += BQ) {
+    const int64_t qn = std::min(BQ, nq - q0);
+    for (int64_t r = 0; r < qn; ++r) to_f32(qb + P.row(q, b, start, h, q0 + r), Q.data() + r * D, D);
+    std::fill(O.begin(), O.end(), 0.f);
+    std::fill(m.begin(), m.end(), ninf);
+    std::fill(l.begin(), l.end(), 0.f);
+    // causal: keys past the tile's last query are invisible to all of it (kidx is sorted)
+    const int64_t kend =
+        P.causal ? std::upper_bound(kidx.begin(), kidx.end(), static_cast<int32_t>(q0 + qn - 1)) - kidx.begin() : nk;
+    for (int64_t kb = 0; kb < kend; kb += BK) {
+      const int64_t width = std::min(BK, nkp - kb), nv = std::min(BK, kend - kb);
+      gemm_f32(qn, width, D, Q.data(), D, Kt.data() + kb, nkp, S.data(), BK, P.scale, false);
+      for (int64_t r = 0; r < qn; ++r) {
+        const int64_t i = q0 + r;
+        float* s = S.data() + r * BK;
+        P.mask_row(b, h, i, kidx.data() + kb, nv, width, s);
+        const float mnew = std::max(m[r], hmax(s, width));
+        if (mnew == ninf) {  // nothing visible to this row yet
+          std::fill(s, s + width, 0.f);
+          continue;
+        }
+        Vec vm(mnew), sum(0.f);
+        for (int64_t c = 0; c < width; c += kVec) {
+          Vec p = (Vec::loadu(s + c) - vm).exp();
+          p.store(s + c);
+          sum = sum + p;
+        }
+        float lanes[kVec];
+        sum.store(lanes);
+        float ps = 0.f;
+        for (int64_t t = 0; t < kVec; ++t) ps += lanes[t];
+        const float corr = std::exp(m[r] - mnew);  // exp(-inf) = 0 on the first visible tile
+        l[r] = l[r] * corr + ps;
+        m[r] = mnew;
+        if (corr != 1.f) {
+          float* o = O.data() + r * Dp;
+          for (int64_t d = 0; d < Dp; d += kVec) (Vec::loadu(o + d) * Vec(corr)).store(o + d);
+        }
+        if (P.drop.on) {
+          P.dropout_row(b, h, i, kidx.data() + kb, nv, z.data());
+          for (int64_t c = 0; c < nv; ++c) s[c] *= z[c];
+        }
+      }
+      gemm_f32(qn, Dp, width, S.data(), BK, V.data() + kb * Dp, Dp, O.data(), Dp, 1.f, true);
+    }
+    for (int64_t r = 0; r < qn; ++r) {
+      float* o = O.data() + r * Dp;
+      if (l[r] > 0.f) {
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+        lrow[q0 + r] = m[r] + std::log(l[r]);
+      } else {
+        std::fill(o, o + D, 0.f);
+        lrow[q0 + r] = std::numeric_limits<float>::infinity();
+      }
+      from_f32(o, ob + P.row(out, b, start, h, q0 + r), D);
+    }
+  }
+}
+
+template <typename T>
+void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const float* lse_all, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, int64_t b,
+              int64_t h) {
+  int64_t start, nq, nk_all;
+  P.seq(b, &start, &nq, &nk_all);
+  const int64_t D = P.D, Dp = round_up(D, kCol);
+  std::vector<int32_t> kidx;
+  P.keys(b, nk_all, kidx);
+  const int64_t nk = static_cast<int64_t>(kidx.size()), nkp = round_up(nk, kCol);
+  std::vector<float> Kt(D * nkp), Krow(nkp * Dp), Vt(D * nkp), tmp;
+  load_keys<T>(P, k, b, start, h, kidx, nkp, Dp, Kt.data(), Krow.data(), tmp);
+  load_keys<T>(P, v, b, start, h, kidx, nkp, Dp, Vt.data(), nullptr, tmp);
+  // queries, output gradient (zero padded to Dp), Delta, lse
+  std::vector<float> Q(nq * Dp, 0.f), dO(nq * Dp, 0.f), dQ(nq * Dp, 0.f), delta(nq), lse(nq);
+  std::vector<float> orow(D);
+  const float* lrow = P.lse_row(const_cast<float*>(lse_all), b, start, h);
+  for (int64_t i = 0; i < nq; ++i) {
+    to_f32(q.data_ptr<T>() + P.row(q, b, start, h, i), Q.data() + i * Dp, D);
+    to_f32(g.data_ptr<T>() + P.row(g, b, start, h, i), dO.data() + i * Dp, D);
+    to_f32(out.data_ptr<T>() + P.row(out, b, start, h, i), orow.data(), D);
+    float acc = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc += dO[i * Dp + d] * orow[d];
+    delta[i] = acc;
+    lse[i] = lrow[i];
+  }
+  std::vector<float> dK(nkp * Dp, 0.f), dV(nkp * Dp, 0.f);
+  std::vector<float> Pm(BQ * BK), dP(BQ * BK), PzT(BK * BQ), dST(BK * BQ), z(BK);
+  const float inf = std::numeric_limits<float>::infinity();
+
+  for (int64_t kb = 0; kb < nk; kb += BK) {
+    const int64_t width = std::min(BK, nkp - kb), nv = std::min(BK, nk - kb);
+    // causal: queries before the tile's first key see none of it
+    const int64_t qstart = P.causal ? (kidx[kb] / BQ) * BQ : 0;
+    for (int64_t q0 = qstart; q0 < nq; q0 += BQ) {
+      const int64_t qn = std::min(BQ, nq - q0);
+      gemm_f32(qn, width, D, Q.data() + q0 * Dp, Dp, Kt.data() + kb, nkp, Pm.data(), BK, P.scale, false);
+      gemm_f32(qn, width, D, dO.data() + q0 * Dp, Dp, Vt.data() + kb, nkp, dP.data(), BK, 1.f, false);
+      for (int64_t r = 0; r < qn; ++r) {
+        const int64_t i = q0 + r;
+        float* p = Pm.data() + r * BK;
+        float* dp = dP.data() + r * BK;
+        P.mask_row(b, h, i, kidx.data() + kb, nv, width, p);
+        const float li = lse[i];
+        if (li == inf) {
+          std::fill(p, p + width, 0.f);
+        } else {
+          const Vec vl(li);
+          for (int64_t c = 0; c < width; c += kVec) (Vec::loadu(p + c) - vl).exp().store(p + c);
+        }
+        const Vec vd(delta[i]);
+        if (P.drop.on) {
+          P.dropout_row(b, h, i, kidx.data() + kb, nv, z.data());
+          std::fill(z.begin() + nv, z.begin() + width, 0.f);
+          for (int64_t c = 0; c < width; c += kVec) {
+            const Vec pv = Vec::loadu(p + c), zv = Vec::loadu(z.data() + c);
+            const Vec ds = pv * (Vec::loadu(dp + c) * zv - vd);
+            (pv * zv).store(p + c);  // p now holds z * P (for dV)
+            ds.store(dp + c);        // dp now holds dS
+          }
+        } else {
+          for (int64_t c = 0; c < width; c += kVec) {
+            const Vec pv = Vec::loadu(p + c);
+            (pv * (Vec::loadu(dp + c) - vd)).store(dp + c);
+          }
+        }
+        for (int64_t c = 0; c < width; ++c) {
+          PzT[c * BQ + r] = p[c];
+          dST[c * BQ + r] = dp[c];
+        }
+      }
+      // dV += (zP)^T dO ; dK += scale dS^T Q ; dQ += scale dS K
+      gemm_f32(width, Dp, qn, PzT.data(), BQ, dO.data() + q0 * Dp, Dp, dV.data() + kb * Dp, Dp, 1.f, true);
+      gemm_f32(width, Dp, qn, dST.data(), BQ, Q.data() + q0 * Dp, Dp, dK.data() + kb * Dp, Dp, P.scale, true);
+      gemm_f32(qn, Dp, width, dP.data(), BK, Krow.data() + kb * Dp, Dp, dQ.data() + q0 * Dp, Dp, P.scale, true);
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) from_f32(dQ.data() + i * Dp, gq.data_ptr<T>() + P.row(gq, b, start, h, i), D);
+  // every key row is written: gathered keys get their gradient, masked-out keys 0
+  std::vector<float> zeros(D, 0.f);
+  int64_t c = 0;
+  for (int64_t j = 0; j < nk_all; ++j) {
+    const bool kept = c < nk && kidx[c] == j;
+    from_f32(kept ? dK.data() + c * Dp : zeros.data(), gk.data_ptr<T>() + P.row(gk, b, start, h, j), D);
+    from_f32(kept ? dV.data() + c * Dp : zeros.data(), gv.data_ptr<T>() + P.row(gv, b, start, h, j), D);
+    if (kept) ++c;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// host side: checks, then one task per (b, h)
+// ----------------------------------------------------------------------------------------------
+Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& attn_bias,
+                     const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
+                     double dropout_p, const c10::optional<at::Tensor>& seed) {
+  Problem P;
+  P.packed = has(cu_seqlens);
+  const int64_t rank = P.packed ? 3 : 4;
+  for (const auto& pr : {std::make_pair("q", &q), std::make_pair("k", &k), std::make_pair("v", &v)}) {
+    const at::Tensor& t = *pr.second;
+    check_cpu(op, pr.first, t);
+    check_kernel_dtype(op, pr.first, t);
+    FB_CHECK(t.dim() == rank, op, pr.first, " must have rank ", rank,
+             P.packed ? " ([total, H, D], packed with cu_seqlens)" : " ([B, S, H, D])", ", got shape ", t.sizes());
+    FB_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, pr.first, " must have unit stride along D, got strides ",
+             t.strides());
+  }
+  FB_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+           "q, k and v must share a dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ", v.scalar_type());
+  FB_CHECK(k.sizes() == v.sizes(), op, "k and v must have the same shape, got k ", k.sizes(), ", v ", v.sizes());
+  P.D = q.size(-1);
+  P.H = q.size(-2);
+  FB_CHECK(P.D >= 1 && P.D <= 256, op, "head dim (q's last dim) must be in [1, 256], got ", P.D);
+  FB_CHECK(k.size(-1) == P.D, op, "k must have q's head dim ", P.D, ", got shape ", k.sizes());
+  FB_CHECK(k.size(-2) == P.H, op, "k must have q's number of heads ", P.H, ", got shape ", k.sizes());
+  if (P.packed) {
+    const at::Tensor& cu = *cu_seqlens;
+    check_cpu(op, "cu_seqlens", cu);
+    FB_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(), op,
+             "cu_seqlens must be a contiguous int32 tensor of shape [B + 1], got ", cu.scalar_type(), " ", cu.sizes());
+    FB_CHECK(k.size(0) == q.size(0), op, "k must have q's number of packed tokens ", q.size(0), ", got ", k.size(0));
+    FB_CHECK(!has(key_padding_mask), op, "key_padding_mask is not accepted with cu_seqlens (packed inputs have no padding)");
+    FB_CHECK(!has(attn_bias), op, "attn_bias is not accepted with cu_seqlens");
+    P.B = cu.numel() - 1;
+    P.cu = cu.data_ptr<int32_t>();
+    const int64_t total = q.size(0);
+    FB_CHECK(P.cu[0] == 0 && P.cu[P.B] == total, op, "cu_seqlens must start at 0 and end at the number of packed tokens ",
+             total, ", got ", P.cu[0], " ... ", P.cu[P.B]);
+    int64_t longest = 0;
+    for (int64_t b = 0; b < P.B; ++b) {
+      FB_CHECK(P.cu[b + 1] >= P.cu[b], op, "cu_seqlens must be non-decreasing");
+      longest = std::max<int64_t>(longest, P.cu[b + 1] - P.cu[b]);
+    }
+    FB_CHECK(max_seqlen >= longest, op, "max_seqlen ", max_seqlen, " is shorter than the longest sequence ", longest);
+    P.Sq = P.Sk = max_seqlen;
+    P.sq_total = P.sk_total = max_seqlen;
+    P.lse_total = total;
+  } else {
+    P.B = q.size(0);
+    P.Sq = q.size(1);
+    P.Sk = k.size(1);
+    FB_CHECK(k.size(0) == P.B, op, "k must have q's batch size ", P.B, ", got shape ", k.sizes());
+    P.sq_total = P.Sq;
+    P.sk_total = P.Sk;
+    if (has(key_padding_mask)) {
+      const at::Tensor& m = *key_padding_mask;
+      check_cpu(op, "key_padding_mask", m);
+      FB_CHECK(m.scalar_type() == at::kBool, op, "key_padding_mask must be bool (True = real token), got ",
+               m.scalar_type());
+      FB_CHECK(m.dim() == 2 && m.size(0) == P.B && m.size(1) == P.Sk, op, "key_padding_mask must have shape [", P.B,
+               ", ", P.Sk, "], got ", m.sizes());
+      P.mask = m;
+    }
+    if (has(attn_bias)) {
+      const at::Tensor& a = *attn_bias;
+      check_cpu(op, "attn_bias", a);
+      FB_CHECK(a.is_floating_point(), op, "attn_bias must be a float tensor, got ", a.scalar_type());
+      FB_CHECK(a.dim() <= 4, op, "attn_bias must broadcast to [B, H, Sq, Sk], got shape ", a.sizes());
+      std::vector<int64_t> full{P.B, P.H, P.Sq, P.Sk};
+      for (int64_t d = 0; d < a.dim(); ++d) {
+        const int64_t s = a.size(a.dim() - 1 - d), want = full[3 - d];
+        FB_CHECK(s == want || s == 1, op, "attn_bias of shape ", a.sizes(), " does not broadcast to [B, H, Sq, Sk] = ",
+                 at::IntArrayRef(full));
+      }
+      P.bias = a.expand(full);  // a stride-0 view where broadcast: nothing is materialized
+    }
+  }
+  P.causal = causal;
+  P.scale = static_cast<float>(scale);
+  P.drop = Dropout(dropout_p, check_dropout(op, dropout_p, seed));
+  return P;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const c10::optional<at::Tensor>& key_padding_mask,
+                                                 const c10::optional<at::Tensor>& attn_bias,
+                                                 const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                                 bool causal, double scale, double dropout_p,
+                                                 const c10::optional<at::Tensor>& seed) {
+  Problem P = make_problem(kFwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
+                           dropout_p, seed);
+  at::Tensor out = new_output(q.sizes(), q.scalar_type());
+  at::Tensor lse = P.packed ? new_output({P.H, q.size(0)}, at::kFloat) : new_output({P.B, P.H, P.Sq}, at::kFloat);
+  if (q.numel() == 0) return {out, lse};
+  float* lp = lse.data_ptr<float>();
+  FB_DISPATCH(q.scalar_type(), kFwd, [&] {
+    at::parallel_for(0, P.B * P.H, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) fwd_task<scalar_t>(P, q, k, v, out, lp, t / P.H, t % P.H);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& attn_bias,
+    const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool causal, double scale, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
+  Problem P = make_problem(kBwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
+                           dropout_p, seed);
+  for (const auto& pr : {std::make_pair("grad_out", &grad_out), std::make_pair("out", &out)}) {
+    const at::Tensor& t = *pr.second;
+    check_cpu(kBwd, pr.first, t);
+    FB_CHECK(t.sizes() == q.sizes(), kBwd, pr.first, " must have q's shape ", q.sizes(), ", got ", t.sizes());
+    FB_CHECK(t.scalar_type() == q.scalar_type(), kBwd, pr.first, " must have q's dtype ", q.scalar_type(), ", got ",
+             t.scalar_type());
+    FB_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kBwd, pr.first, " must have unit stride along D, got strides ",
+             t.strides());
+  }
+  check_cpu(kBwd, "lse", lse);
+  const std::vector<int64_t> lse_shape = P.packed ? std::vector<int64_t>{P.H, q.size(0)}
+                                                  : std::vector<int64_t>{P.B, P.H, P.Sq};
+  FB_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(lse_shape) && lse.is_contiguous(), kBwd,
+           "lse must be a contiguous float32 tensor of shape ", at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(),
+           " ", lse.sizes());
+  at::Tensor gq = new_output(q.sizes(), q.scalar_type());
+  at::Tensor gk = new_output(k.sizes(), k.scalar_type());
+  at::Tensor gv = new_output(v.sizes(), v.scalar_type());
+  if (q.numel() == 0 && k.numel() == 0) return {gq, gk, gv};
+  const float* lp = lse.data_ptr<float>();
+  FB_DISPATCH(q.scalar_type(), kBwd, [&] {
+    at::parallel_for(0, P.B * P.H, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) bwd_task<scalar_t>(P, grad_out, q, k, v, out, lp, gq, gk, gv, t / P.H, t % P.H);
+    });
+  });
+  return {gq, gk, gv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+}  // namespace cpu
+}  // namespace fastbert

@@ -1,0 +1,236 @@
+// bias_gelu and linear_gelu on CPU.
+//
+// bias_gelu:   out = gelu(x + bias), one pass over [rows, N]; backward grad_x = g * gelu'(x + bias).
+// linear_gelu: the GEMM is ATen's (at::mm_out into the output buffer, so MKL/oneDNN does the matmul),
+//              then ONE pass over that buffer adds the bias and applies GELU in place (writing `pre`
+//              as well when asked) -- the fused epilogue. Backward: one pass computes
+//              grad_pre = g * gelu'(pre) and the bias gradient's fp32 column partials together, then
+//              two ATen GEMMs: grad_x = grad_pre @ W, grad_weight = grad_pre^T @ x.
+// GELU and gelu' formulas: see common.h. All arithmetic in fp32; one rounding on the way out.
+#include "cpu/common.h"
+
+#include <ATen/ops/mm.h>
+
+namespace fastbert {
+namespace cpu {
+namespace {
+
+constexpr const char* kBgFwd = "bias_gelu_fwd";
+constexpr const char* kBgBwd = "bias_gelu_bwd";
+constexpr const char* kLgFwd = "linear_gelu_fwd";
+constexpr const char* kLgBwd = "linear_gelu_bwd";
+
+// out = gelu(in + bias) row by row; pre (optional) = in + bias. `out` may alias `in`.
+template <typename T, bool kTanh>
+void gelu_rows(const T* in, const float* bias, int64_t rows, int64_t n, T* out, T* pre) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(n), y(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      to_f32(in + r * n, v.data(), n);
+      for (int64_t j = 0; j < n; j += kVec) {
+        const int64_t c = std::min<int64_t>(kVec, n - j);
+        Vec a = Vec::loadu(v.data() + j, c);
+        if (bias != nullptr) a = a + Vec::loadu(bias + j, c);
+        a.store(v.data() + j, c);
+        (kTanh ? gelu_tanh(a) : gelu_erf(a)).store(y.data() + j, c);
+      }
+      if (pre != nullptr) from_f32(v.data(), pre + r * n, n);
+      from_f32(y.data(), out + r * n, n);
+    }
+  });
+}
+
+// grad_in = g * gelu'(in + bias); part (optional) receives fp32 column sums of grad_in per row block.
+template <typename T, bool kTanh>
+void gelu_grad_rows(const T* g, const T* in, const float* bias, int64_t rows, int64_t n, T* grad_in, float* part,
+                    int64_t block) {
+  const int64_t nblk = (rows + block - 1) / block;
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> v(n), gv(n);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      float* p = part != nullptr ? part + blk * n : nullptr;
+      if (p != nullptr) std::fill(p, p + n, 0.f);
+      const int64_t rend = std::min(rows, (blk + 1) * block);
+      for (int64_t r = blk * block; r < rend; ++r) {
+        to_f32(in + r * n, v.data(), n);
+        to_f32(g + r * n, gv.data(), n);
+        for (int64_t j = 0; j < n; j += kVec) {
+          const int64_t c = std::min<int64_t>(kVec, n - j);
+          Vec a = Vec::loadu(v.data() + j, c);
+          if (bias != nullptr) a = a + Vec::loadu(bias + j, c);
+          Vec d = Vec::loadu(gv.data() + j, c) * (kTanh ? gelu_tanh_grad(a) : gelu_erf_grad(a));
+          d.store(gv.data() + j, c);
+          if (p != nullptr) (Vec::loadu(p + j, c) + d).store(p + j, c);
+        }
+        from_f32(gv.data(), grad_in + r * n, n);
+      }
+    }
+  });
+}
+
+template <typename T>
+void run_gelu(bool tanh, const T* in, const float* bias, int64_t rows, int64_t n, T* out, T* pre) {
+  if (tanh)
+    gelu_rows<T, true>(in, bias, rows, n, out, pre);
+  else
+    gelu_rows<T, false>(in, bias, rows, n, out, pre);
+}
+
+template <typename T>
+void run_gelu_grad(bool tanh, const T* g, const T* in, const float* bias, int64_t rows, int64_t n, T* grad_in,
+                   float* part, int64_t block) {
+  if (tanh)
+    gelu_grad_rows<T, true>(g, in, bias, rows, n, grad_in, part, block);
+  else
+    gelu_grad_rows<T, false>(g, in, bias, rows, n, grad_in, part, block);
+}
+
+void check_activation(const char* op, const char* name, const at::Tensor& t) {
+  check_cpu(op, name, t);
+  check_kernel_dtype(op, name, t);
+  FB_CHECK(t.dim() >= 1, op, name, " must have at least 1 dim, got a scalar");
+  check_contiguous(op, name, t);
+}
+
+// ----------------------------------------------------------------------------------------------
+// bias_gelu
+// ----------------------------------------------------------------------------------------------
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias, c10::string_view approximate) {
+  check_activation(kBgFwd, "x", x);
+  const bool tanh = parse_approximate(kBgFwd, approximate);
+  const int64_t n = x.size(-1);
+  if (has(bias)) check_vector(kBgFwd, "bias", *bias, n, x.scalar_type());
+  at::Tensor out = new_output(x.sizes(), x.scalar_type());
+  if (x.numel() == 0) return out;
+  const int64_t rows = x.numel() / n;
+  const std::vector<float> b = vector_f32(bias);
+  FB_DISPATCH(x.scalar_type(), kBgFwd, [&] {
+    run_gelu<scalar_t>(tanh, x.data_ptr<scalar_t>(), b.empty() ? nullptr : b.data(), rows, n,
+                       out.data_ptr<scalar_t>(), nullptr);
+  });
+  return out;
+}
+
+at::Tensor bias_gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                         c10::string_view approximate) {
+  check_activation(kBgBwd, "x", x);
+  check_activation(kBgBwd, "grad_out", grad_out);
+  FB_CHECK(grad_out.sizes() == x.sizes(), kBgBwd, "grad_out must have x's shape ", x.sizes(), ", got ",
+           grad_out.sizes());
+  FB_CHECK(grad_out.scalar_type() == x.scalar_type(), kBgBwd, "grad_out must have x's dtype ", x.scalar_type(),
+           ", got ", grad_out.scalar_type());
+  const bool tanh = parse_approximate(kBgBwd, approximate);
+  const int64_t n = x.size(-1);
+  if (has(bias)) check_vector(kBgBwd, "bias", *bias, n, x.scalar_type());
+  at::Tensor grad_x = new_output(x.sizes(), x.scalar_type());
+  if (x.numel() == 0) return grad_x;
+  const int64_t rows = x.numel() / n;
+  const std::vector<float> b = vector_f32(bias);
+  FB_DISPATCH(x.scalar_type(), kBgBwd, [&] {
+    run_gelu_grad<scalar_t>(tanh, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                            b.empty() ? nullptr : b.data(), rows, n, grad_x.data_ptr<scalar_t>(), nullptr,
+                            reduce_block_rows(rows));
+  });
+  return grad_x;
+}
+
+// ----------------------------------------------------------------------------------------------
+// linear_gelu
+// ----------------------------------------------------------------------------------------------
+void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_cpu(op, "x", x);
+  check_kernel_dtype(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_cpu(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
+  FB_CHECK(weight.scalar_type() == x.scalar_type(), op, "weight must have x's dtype ", x.scalar_type(), ", got ",
+           weight.scalar_type());
+  FB_CHECK(weight.size(1) == x.size(1), op, "weight must have shape [N, ", x.size(1), "] to match x's last dim, got ",
+           weight.sizes());
+  if (has(bias)) check_vector(op, "bias", *bias, weight.size(0), x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const c10::optional<at::Tensor>& bias, c10::string_view approximate,
+                                                   bool save_pre) {
+  check_linear(kLgFwd, x, weight, bias);
+  const bool tanh = parse_approximate(kLgFwd, approximate);
+  const int64_t m = x.size(0), n = weight.size(0);
+  at::Tensor out = new_output({m, n}, x.scalar_type());
+  at::Tensor pre = save_pre ? new_output({m, n}, x.scalar_type()) : no_output(x.scalar_type());
+  if (m == 0 || n == 0) return {out, pre};
+  at::mm_out(out, x, weight.t());  // x @ W^T, in x's dtype (fp32 accumulation inside the GEMM)
+  const std::vector<float> b = vector_f32(bias);
+  FB_DISPATCH(x.scalar_type(), kLgFwd, [&] {
+    run_gelu<scalar_t>(tanh, out.data_ptr<scalar_t>(), b.empty() ? nullptr : b.data(), m, n,
+                       out.data_ptr<scalar_t>(), save_pre ? pre.data_ptr<scalar_t>() : nullptr);
+  });
+  return {out, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                               const at::Tensor& weight,
+                                                               const c10::optional<at::Tensor>& bias,
+                                                               const at::Tensor& pre, c10::string_view approximate) {
+  check_linear(kLgBwd, x, weight, bias);
+  const bool tanh = parse_approximate(kLgBwd, approximate);
+  const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
+  check_cpu(kLgBwd, "grad_out", grad_out);
+  FB_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kLgBwd,
+           "grad_out must have shape [", m, ", ", n, "], got ", grad_out.sizes());
+  FB_CHECK(grad_out.scalar_type() == x.scalar_type(), kLgBwd, "grad_out must have x's dtype ", x.scalar_type(),
+           ", got ", grad_out.scalar_type());
+  check_cpu(kLgBwd, "pre", pre);
+  // pre: x @ W^T + b as saved by the forward, or [0] (not saved): recomputed here then
+  const bool saved = pre.numel() > 0;
+  if (saved) {
+    FB_CHECK(pre.dim() == 2 && pre.size(0) == m && pre.size(1) == n, kLgBwd, "pre must have shape [", m, ", ", n,
+             "] or [0], got ", pre.sizes());
+    FB_CHECK(pre.scalar_type() == x.scalar_type(), kLgBwd, "pre must have x's dtype ", x.scalar_type(), ", got ",
+             pre.scalar_type());
+  }
+  at::Tensor grad_x = new_output({m, k}, x.scalar_type());
+  at::Tensor grad_w = new_output({n, k}, weight.scalar_type());
+  const auto bias_dtype = has(bias) ? bias->scalar_type() : x.scalar_type();
+  if (m == 0 || n == 0) {
+    if (grad_x.numel() > 0) grad_x.zero_();
+    if (grad_w.numel() > 0) grad_w.zero_();
+    at::Tensor gb = has(bias) ? tensor_from_f32(std::vector<float>(n, 0.f), {n}, bias_dtype) : no_output(x.scalar_type());
+    return {grad_x, grad_w, gb};
+  }
+  // pre-activation: saved (bias included), or x @ W^T with the bias added inside the gelu' pass
+  at::Tensor pre_src = saved ? pre.contiguous() : at::mm(x, weight.t());
+  const std::vector<float> b = saved ? std::vector<float>() : vector_f32(bias);
+  const at::Tensor g = grad_out.contiguous();
+  at::Tensor grad_pre = at::empty({m, n}, x.options());
+  const int64_t block = reduce_block_rows(m);
+  const int64_t nblk = (m + block - 1) / block;
+  std::vector<float> part(has(bias) ? nblk * n : 0);
+  FB_DISPATCH(x.scalar_type(), kLgBwd, [&] {
+    run_gelu_grad<scalar_t>(tanh, g.data_ptr<scalar_t>(), pre_src.data_ptr<scalar_t>(),
+                            b.empty() ? nullptr : b.data(), m, n, grad_pre.data_ptr<scalar_t>(),
+                            part.empty() ? nullptr : part.data(), block);
+  });
+  at::mm_out(grad_x, grad_pre, weight);
+  at::mm_out(grad_w, grad_pre.t(), x);
+  at::Tensor grad_b = no_output(x.scalar_type());
+  if (has(bias)) {
+    std::vector<float> gb(n);
+    sum_partials(part.data(), nblk, n, gb.data());
+    grad_b = tensor_from_f32(gb, {n}, bias_dtype);
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
+  m.impl("bias_gelu_fwd", &bias_gelu_fwd);
+  m.impl("bias_gelu_bwd", &bias_gelu_bwd);
+  m.impl("linear_gelu_fwd", &linear_gelu_fwd);
+  m.impl("linear_gelu_bwd", &linear_gelu_bwd);
+}
+
+}  // namespace cpu
+}  // namespace fastbert
