@@ -122,6 +122,26 @@ def test_markdown_and_plots_written(quick_run):
         assert f"]({p})" in md
 
 
+def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path):
+    import shutil
+
+    src, data = quick_run
+    out = tmp_path / "appended"
+    shutil.copytree(src, out)
+    rc = main(["--append", "--device", "cpu", "--no-models", "--ops", "bias_gelu", "--op-model", "bert-tiny",
+               "--op-batch", "1", "--op-seq", "8", "--quick", "--no-plots", "--out", str(out)])
+    assert rc == 0
+    with open(out / "results.json") as f:
+        new = json.load(f)
+    assert new["rows"][:len(data["rows"])] == data["rows"]
+    added = new["rows"][len(data["rows"]):]
+    assert added and {r["name"] for r in added} == {"bias_gelu"}
+    assert new["env"]["peak_tflops"] == data["env"]["peak_tflops"]  # limits measured once
+    assert new["env"]["command"] == data["env"]["command"]
+    assert new["env"]["appended_commands"][0].startswith("python -m fastbert.bench --append")
+    assert "then, appended:" in (out / "results.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------
 # pure helpers
 # ----------------------------------------------------------------------------------------------

@@ -87,6 +87,36 @@ def speedups(rows: List[dict]) -> Dict[int, float]:
     return out
 
 
+def summary_lines(rows: List[dict]) -> List[str]:
+    """Compact tables (the README's): per (model, dtype, mode), one line per shape, one column per
+    measured provider, each cell = speedup over hf-sdpa (its median ms in the hf-sdpa column)."""
+    sp = speedups(rows)
+    L: List[str] = []
+    groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+    for r in rows:
+        if r["status"] == "ok" and r["kind"] == "model":
+            groups.setdefault((r["name"], r["dtype"], r["mode"]), []).append(r)
+    for (name, dtype, mode), rs in groups.items():
+        provs = list(OrderedDict.fromkeys(r["provider"] for r in rs))
+        L.append(f"**{name}, {dtype}, {mode}** (speedup over hf-sdpa; hf-sdpa column: its median ms)")
+        L.append("")
+        L.append("| shape | " + " | ".join(provs) + " |")
+        L.append("| --- |" + " --- |" * len(provs))
+        for shape in OrderedDict.fromkeys(_shape(r) for r in rs):
+            cells = []
+            for p in provs:
+                m = [r for r in rs if r["provider"] == p and _shape(r) == shape]
+                if not m:
+                    cells.append("-")
+                elif p == "hf-sdpa":
+                    cells.append(_f(m[0]["median_ms"]) + " ms")
+                else:
+                    cells.append(_f(sp.get(id(m[0])), "{:.2f}x"))
+            L.append(f"| {shape} | " + " | ".join(cells) + " |")
+        L.append("")
+    return L
+
+
 def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
     sp = speedups(rows)
     L = ["# fastbert benchmark", ""]
@@ -105,6 +135,11 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
              "(ops). Error: max |out - HF fp32| over valid tokens (models), max |out - float64 reference| "
              "(ops). Model FLOPs/tokens count valid tokens only.")
     L.append("")
+    summary = summary_lines(rows)
+    if summary:
+        L.append("## Summary")
+        L.append("")
+        L.extend(summary)
     groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
     for r in rows:
         if r["status"] == "ok":
@@ -246,3 +281,27 @@ def write_plots(out_dir: str, rows: List[dict]) -> List[str]:
         plt.close(fig)
         files.append(fn)
     return files
+
+
+def main(argv=None) -> int:
+    """python -m fastbert.bench.report DIR: print DIR/results.json's summary tables (for the README),
+    or with --rewrite, regenerate DIR/results.md and the plots from results.json."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastbert.bench.report", description=main.__doc__)
+    p.add_argument("dir")
+    p.add_argument("--rewrite", action="store_true")
+    args = p.parse_args(argv)
+    with open(os.path.join(args.dir, "results.json")) as f:
+        data = json.load(f)
+    if args.rewrite:
+        plots = write_plots(args.dir, data["rows"])
+        write_md(os.path.join(args.dir, "results.md"), data["env"], data["rows"], plots)
+    env = data["env"]
+    print(f"{env.get('device')}, torch {env.get('torch')}, commit {env.get('commit')}, {env.get('date_utc')}\n")
+    print("\n".join(summary_lines(data["rows"])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
