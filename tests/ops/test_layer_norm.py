@@ -421,3 +421,22 @@ def test_kernels_refuse_float64_x_bias_and_fallback_serves_it():
     require_backend("triton", "cpu", KERNELS)
     with fastbert.use_backend("triton"), pytest.raises(fastbert.BackendUnavailableError, match="x_bias dtype"):
         fastbert.ops.add_layer_norm(x, w, b, x_bias=xb)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes and options nobody picked by hand (fixed derandomized examples: reproducible in CI)
+# ----------------------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=8, deadline=None, derandomize=True, database=None)
+@given(rows=st.integers(1, 9), n=st.integers(1, 700), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       residual=st.booleans(), x_bias=st.booleans(), bias=st.booleans(),
+       dropout_p=st.sampled_from([0.0, 0.0, 0.1, 0.6]), eps=st.sampled_from([1e-12, 1e-5]))
+def test_random_shapes_and_options(backend, device, rows, n, dtype, residual, x_bias, bias, dropout_p, eps):
+    _skip_unless(backend, device)
+    t = _make((rows, n), dtype, device, residual=residual, x_bias=x_bias, bias=bias)
+    _check_against_reference(backend, t, eps=eps, dropout_p=dropout_p)
