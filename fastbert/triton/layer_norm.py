@@ -30,7 +30,7 @@ Backward math (one row; N elements; w = weight, g = grad_out, mu = mean, r = rst
   grad_x_bias = sum over rows of grad_x; grad_weight = sum over rows of g * xhat; grad_bias = sum
   over rows of g. The three column sums are reduced deterministically: each backward program owns a
   contiguous block of rows and writes its fp32 partial sums to one row of a [programs, N] buffer,
-  and the host sums that buffer over programs (fixed order, no atomics).
+  which one torch reduction sums over programs on the device (run-to-run identical, no atomics).
 """
 from __future__ import annotations
 
