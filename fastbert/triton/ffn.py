@@ -40,10 +40,12 @@ _ACT_GELU_ERF = 1
 _ACT_GELU_TANH = 2
 _ACTIVATION = {"none": _ACT_GELU_ERF, "tanh": _ACT_GELU_TANH}
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_A = 0.044715
+# Globals read inside @triton.jit must be tl.constexpr (the interpreter does not enforce it; the
+# compiler does).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_TANH_A = tl.constexpr(0.044715)
 
 
 @triton.jit
