@@ -154,7 +154,6 @@ def environment(device: torch.device, argv: List[str], quick: bool) -> dict:
                         break
         except OSError:
             pass
-        name = f"{name} ({torch.get_num_threads()} threads)"
     return {
         "device": name,
         "device_kind": device.type,
@@ -169,6 +168,8 @@ def environment(device: torch.device, argv: List[str], quick: bool) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python -m fastbert.bench " + " ".join(shlex.quote(a) for a in argv),
         "quick": quick,
+        # a busy machine slows CPU timings (and multi-threaded ones a lot): say how busy it was
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "timing_method": ("CUDA events around each call, inputs rotated, median/p20/p80" if device.type == "cuda"
                           else "time.perf_counter around each call, inputs rotated, median/p20/p80"),
         "fastbert_explain": fastbert.explain().splitlines(),
@@ -432,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         with open(json_path) as f:
             old = json.load(f)
-        for k in ("device", "device_kind", "commit", "torch", "triton", "transformers"):
+        for k in ("device", "device_kind", "commit", "torch", "triton", "transformers", "cpu_threads"):
             if old["env"].get(k) != env[k]:
                 raise SystemExit(f"--append: {json_path} was measured with {k}={old['env'].get(k)!r}, "
                                  f"this run has {env[k]!r}; use another --out")

@@ -80,6 +80,8 @@ def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
                 "(on CPU they run only under TRITON_INTERPRET=1, for tests)")
     if backend == "triton" and backends.triton_interpreter():
         return "TRITON_INTERPRET=1 is set: Triton would run in its interpreter, which is not a benchmark"
+    if backend == "cuda" and device.type != "cuda":
+        return "the cuda backend needs a CUDA device (csrc/cuda kernels)"
     why = backends.device_reasons(backend, device, forced=True)
     return "; ".join(why) if why else None
 

@@ -123,9 +123,11 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
     L.append(f"Command: `{env.get('command')}`  ")
     for c in env.get("appended_commands") or []:
         L.append(f"then, appended: `{c}`  ")
-    L.append(f"Device: **{env.get('device')}** ({env.get('device_kind')}); torch {env.get('torch')}, "
+    threads = f", {env['cpu_threads']} threads" if env.get("device_kind") == "cpu" else ""
+    L.append(f"Device: **{env.get('device')}** ({env.get('device_kind')}{threads}); torch {env.get('torch')}, "
              f"triton {env.get('triton')}, transformers {env.get('transformers')}, fastbert {env.get('fastbert')}, "
-             f"commit {env.get('commit')}; {env.get('date_utc')}")
+             f"commit {env.get('commit')}; {env.get('date_utc')}"
+             + (f"; load average at start {env['load_avg_1m']:.2f}" if env.get("load_avg_1m") is not None else ""))
     L.append("")
     peaks = env.get("peak_tflops") or {}
     L.append("Measured limits: " + ", ".join(f"{k} matmul {_f(v)} TFLOP/s" for k, v in peaks.items())
