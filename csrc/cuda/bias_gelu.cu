@@ -6,7 +6,9 @@
 //               g'(v) = 0.5 (1 + tanh u) + 0.5 v (1 - tanh^2 u) c (1 + 3 a v^2)
 // All arithmetic in fp32 with erff/expf/tanhf (full precision; the build never uses fast math), one
 // rounding to the output dtype at the end. x + bias is not rounded to the input dtype first (torch
-// rounds it): the result is closer to the float64 reference, never farther.
+// rounds it): the result is closer to the float64 reference, never farther. The bias arrives as fp32
+// (the binding converts the [n] vector, exactly for 16-bit biases) and is read element by element: it
+// stays in L1/L2, and needs no alignment.
 #include "cuda/common.cuh"
 
 namespace fastbert {
@@ -41,7 +43,7 @@ __device__ __forceinline__ float gelu_grad(float v) {
 // so a vector never straddles two rows and its bias slice is contiguous).
 template <typename T, int VEC, bool TANH>
 __global__ void bias_gelu_fwd_kernel(const T* __restrict__ x,     // [rows, n]
-                                     const T* __restrict__ bias,  // [n] or nullptr
+                                     const float* __restrict__ bias,  // [n] fp32 or nullptr
                                      T* __restrict__ out,         // [rows, n]
                                      int64_t nvec,                // rows * n / VEC
                                      int64_t n) {                 // row length
@@ -51,8 +53,7 @@ __global__ void bias_gelu_fwd_kernel(const T* __restrict__ x,     // [rows, n]
     float v[VEC];
     load_vec<T, VEC>(x + e, v);
     if (bias != nullptr) {
-      float b[VEC];
-      load_vec<T, VEC>(bias + e % n, b);
+      const float* b = bias + e % n;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) v[j] += b[j];
     }
@@ -65,7 +66,7 @@ __global__ void bias_gelu_fwd_kernel(const T* __restrict__ x,     // [rows, n]
 template <typename T, int VEC, bool TANH>
 __global__ void bias_gelu_bwd_kernel(const T* __restrict__ grad_out,  // [rows, n]
                                      const T* __restrict__ x,         // [rows, n]
-                                     const T* __restrict__ bias,      // [n] or nullptr
+                                     const float* __restrict__ bias,  // [n] fp32 or nullptr
                                      T* __restrict__ grad_in,         // [rows, n]
                                      int64_t nvec, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nvec;
@@ -75,8 +76,7 @@ __global__ void bias_gelu_bwd_kernel(const T* __restrict__ grad_out,  // [rows, 
     load_vec<T, VEC>(x + e, v);
     load_vec<T, VEC>(grad_out + e, g);
     if (bias != nullptr) {
-      float b[VEC];
-      load_vec<T, VEC>(bias + e % n, b);
+      const float* b = bias + e % n;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) v[j] += b[j];
     }
@@ -95,12 +95,12 @@ int grid_for(int64_t nvec) {
 }
 
 template <typename T, int VEC>
-cudaError_t launch_typed(bool bwd, const void* grad_out, const void* x, const void* bias, void* y, int64_t rows,
+cudaError_t launch_typed(bool bwd, const void* grad_out, const void* x, const float* bias, void* y, int64_t rows,
                          int64_t n, bool tanh_approx, cudaStream_t stream) {
   const int64_t nvec = rows * n / VEC;
   const int grid = grid_for(nvec);
   const T* xp = static_cast<const T*>(x);
-  const T* bp = static_cast<const T*>(bias);
+  const float* bp = bias;
   T* yp = static_cast<T*>(y);
   if (!bwd) {
     if (tanh_approx)
@@ -118,16 +118,15 @@ cudaError_t launch_typed(bool bwd, const void* grad_out, const void* x, const vo
 }
 
 template <typename T>
-cudaError_t launch(bool bwd, const void* grad_out, const void* x, const void* bias, void* y, int64_t rows, int64_t n,
+cudaError_t launch(bool bwd, const void* grad_out, const void* x, const float* bias, void* y, int64_t rows, int64_t n,
                    bool tanh_approx, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec_ok = n % kVec == 0 && aligned16(x) && aligned16(y) && (bias == nullptr || aligned16(bias)) &&
-                      (!bwd || aligned16(grad_out));
+  const bool vec_ok = n % kVec == 0 && aligned16(x) && aligned16(y) && (!bwd || aligned16(grad_out));
   if (vec_ok) return launch_typed<T, kVec>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
   return launch_typed<T, 1>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
 }
 
-cudaError_t dispatch(DType dtype, bool bwd, const void* grad_out, const void* x, const void* bias, void* y,
+cudaError_t dispatch(DType dtype, bool bwd, const void* grad_out, const void* x, const float* bias, void* y,
                      int64_t rows, int64_t n, bool tanh_approx, cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
   switch (dtype) {
@@ -139,12 +138,12 @@ cudaError_t dispatch(DType dtype, bool bwd, const void* grad_out, const void* x,
 
 }  // namespace
 
-cudaError_t bias_gelu_fwd(DType dtype, const void* x, const void* bias, void* out, int64_t rows, int64_t n,
+cudaError_t bias_gelu_fwd(DType dtype, const void* x, const float* bias, void* out, int64_t rows, int64_t n,
                           bool approximate_tanh, cudaStream_t stream) {
   return dispatch(dtype, false, nullptr, x, bias, out, rows, n, approximate_tanh, stream);
 }
 
-cudaError_t bias_gelu_bwd(DType dtype, const void* grad_out, const void* x, const void* bias, void* grad_in,
+cudaError_t bias_gelu_bwd(DType dtype, const void* grad_out, const void* x, const float* bias, void* grad_in,
                           int64_t rows, int64_t n, bool approximate_tanh, cudaStream_t stream) {
   return dispatch(dtype, true, grad_out, x, bias, grad_in, rows, n, approximate_tanh, stream);
 }

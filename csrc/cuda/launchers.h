@@ -18,13 +18,13 @@ namespace cuda {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // ------------------------------------------------------------------------------------------------
-// bias_gelu (csrc/cuda/bias_gelu.cu). x, out, grad_*: [rows, n] contiguous; bias: [n] or nullptr.
+// bias_gelu (csrc/cuda/bias_gelu.cu). x, out, grad_*: [rows, n] contiguous; bias: fp32 [n] or nullptr.
 // approximate_tanh: false = exact erf GELU, true = tanh approximation.
 // ------------------------------------------------------------------------------------------------
-cudaError_t bias_gelu_fwd(DType dtype, const void* x, const void* bias, void* out, int64_t rows, int64_t n,
+cudaError_t bias_gelu_fwd(DType dtype, const void* x, const float* bias, void* out, int64_t rows, int64_t n,
                           bool approximate_tanh, cudaStream_t stream);
 // grad_in = grad_out * gelu'(x + bias)
-cudaError_t bias_gelu_bwd(DType dtype, const void* grad_out, const void* x, const void* bias, void* grad_in,
+cudaError_t bias_gelu_bwd(DType dtype, const void* grad_out, const void* x, const float* bias, void* grad_in,
                           int64_t rows, int64_t n, bool approximate_tanh, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
