@@ -1,6 +1,7 @@
 """Op-level cases: each fastbert op against the PyTorch composition it replaces, at a model's shapes.
 
-  attention       fastbert.ops.attention on [B, S, H, D] views of one fused QKV tensor, against
+  attention       fastbert.ops.attention on [B, S, H, D] views of one fused QKV tensor (and, as
+                  fastbert-<b>-packed, on the valid tokens packed [total, H, D] with cu_seqlens), against
                   F.scaled_dot_product_attention restricted to each of its backends with
                   torch.nn.attention.sdpa_kernel (math, flash, efficient, cudnn); varlen cases pass a
                   key padding mask (SDPA: a bool [B, 1, 1, S] mask, which its flash backend refuses)
@@ -40,7 +41,8 @@ SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 def op_provider_names(op: str) -> List[str]:
     fast = [f"fastbert-{b}" for b in P.FASTBERT_BACKENDS]
     if op == "attention":
-        return fast + [f"torch-sdpa-{b}" for b in SDPA_BACKENDS]
+        packed = [f"fastbert-{b}-packed" for b in P.FASTBERT_BACKENDS]
+        return fast + packed + [f"torch-sdpa-{b}" for b in SDPA_BACKENDS]
     if op == "add_layer_norm":
         return fast + ["torch-add+layer_norm"]
     if op == "linear_gelu":
@@ -214,7 +216,74 @@ def prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.de
     measured on set 0 against the float64 reference. Raises Skip if the provider cannot run here."""
     with warnings.catch_warnings():  # an SDPA backend refusing an input warns before it raises
         warnings.simplefilter("ignore")
+        if provider.endswith("-packed"):
+            return _prepare_packed(case, provider, mode, device)
         return _prepare(case, provider, mode, varlen, device, heads)
+
+
+def _prepare_packed(case: Case, provider: str, mode: str, device: torch.device):
+    """fastbert attention on packed (padding-free) tokens: q/k/v [total, H, D] views of one packed
+    QKV tensor, with cu_seqlens and max_seqlen given (so no host sync). Packing happens outside the
+    timed calls, as padding-free patching does once per forward for all layers. The error is against
+    the float64 padded reference at the valid tokens."""
+    assert case.op == "attention"
+    backend = provider.split("-")[1]
+    why = P.backend_unavailable(backend, device)
+    if why:
+        raise Skip(why)
+    try:
+        import fastbert.ops as fops
+
+        fop = fops.attention
+    except (ImportError, AttributeError) as e:
+        raise Skip(f"fastbert.ops.attention is not available: {type(e).__name__}: {e}")
+    valid = case.valid
+    lengths = valid.sum(1)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    max_len = int(lengths.max()) if lengths.numel() else 0
+
+    def fn(qkvp):
+        q, k, v = qkvp.unbind(1)
+        with P.forcing(backend):
+            return fop(q, k, v, cu_seqlens=cu, max_seqlen=max_len)
+
+    packed = [xs[0][valid].detach() for xs in case.sets]  # [total, 3, H, D]
+    qkv0 = case.sets[0][0].detach().double()
+
+    def ref_padded(qkv):
+        q, k, v = qkv.unbind(2)
+        return reference.attention(q, k, v, attention_mask=valid)
+
+    if mode == "fwd":
+        try:
+            with torch.no_grad():
+                out = fn(packed[0])
+        except RuntimeError as e:
+            raise Skip(f"{type(e).__name__}: {_first_line(e)}")
+        err = _err(out, ref_padded(qkv0)[valid], None)
+
+        def call(i):
+            with torch.no_grad():
+                fn(packed[i])
+        return call, err
+    leaves = [t.clone().requires_grad_(True) for t in packed]
+    try:
+        outs = [fn(t) for t in leaves]
+        gouts = [torch.randn_like(o) for o in outs]
+        (g,) = torch.autograd.grad(outs[0], [leaves[0]], gouts[0], retain_graph=True)
+    except RuntimeError as e:
+        raise Skip(f"{type(e).__name__}: {_first_line(e)}")
+    r_in = qkv0.clone().requires_grad_(True)
+    r_out = ref_padded(r_in)
+    g_pad = torch.zeros_like(r_out)
+    g_pad[valid] = gouts[0].double()
+    (rg,) = torch.autograd.grad(r_out, [r_in], g_pad)
+    err = _err(g, rg[valid], None)
+
+    def call(i):
+        torch.autograd.grad(outs[i], [leaves[i]], gouts[i], retain_graph=True)
+    return call, err
 
 
 def _prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.device, heads: int):
