@@ -12,7 +12,7 @@
 //   s_j = scale * q_i . k_j + bias_ij          (-inf where masked: padding, causal j > i)
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  c = exp(m - m')
 //   l' = c * l + sum_j p_j;  o' = c * o + sum_j z_ij p_j v_j    (z: dropout factor, 0 or 1/(1-p))
-// and at the end out_i = o / l, lse_i = m + log l. The softmax denominator l sums the undropped p,
+// and at the end out_i = o / l, lse_i = m + log l. An attn_bias value below -1e20 masks its key. The softmax denominator l sums the undropped p,
 // as the reference does (dropout acts on the normalized probabilities). A row with no visible key
 // keeps m = -inf: out_i = 0, lse_i = +inf.
 //
@@ -86,29 +86,26 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
   }
 }
 
+// A bias value below this masks its key exactly like padding (HF's finfo.min additive masks, -inf):
+// probability 0, and a row left with no key gives 0 -- the convention of the Triton kernels. Adding
+// ~-3.4e38 instead would absorb q.k and log(l), and the backward could not recompute P from lse.
+constexpr float kBiasMasked = -1.0e20f;
+
 // dst[c] += bias[kidx[c]] (element stride `stride`) for c < n; the dtype switch is per row, not per element.
+template <typename B>
+inline void add_bias_typed(const B* p, int64_t stride, const int32_t* kidx, int64_t n, float* dst) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float bv = static_cast<float>(p[kidx[c] * stride]);
+    dst[c] = bv < kBiasMasked ? -std::numeric_limits<float>::infinity() : dst[c] + bv;
+  }
+}
+
 void add_bias_row(const at::Tensor& bias, const char* row, int64_t stride, const int32_t* kidx, int64_t n, float* dst) {
   switch (bias.scalar_type()) {
-    case at::kFloat: {
-      const float* p = reinterpret_cast<const float*>(row);
-      for (int64_t c = 0; c < n; ++c) dst[c] += p[kidx[c] * stride];
-      break;
-    }
-    case at::kDouble: {
-      const double* p = reinterpret_cast<const double*>(row);
-      for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<float>(p[kidx[c] * stride]);
-      break;
-    }
-    case at::kHalf: {
-      const at::Half* p = reinterpret_cast<const at::Half*>(row);
-      for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<float>(p[kidx[c] * stride]);
-      break;
-    }
-    case at::kBFloat16: {
-      const at::BFloat16* p = reinterpret_cast<const at::BFloat16*>(row);
-      for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<float>(p[kidx[c] * stride]);
-      break;
-    }
+    case at::kFloat: add_bias_typed(reinterpret_cast<const float*>(row), stride, kidx, n, dst); break;
+    case at::kDouble: add_bias_typed(reinterpret_cast<const double*>(row), stride, kidx, n, dst); break;
+    case at::kHalf: add_bias_typed(reinterpret_cast<const at::Half*>(row), stride, kidx, n, dst); break;
+    case at::kBFloat16: add_bias_typed(reinterpret_cast<const at::BFloat16*>(row), stride, kidx, n, dst); break;
     default: TORCH_CHECK(false, "fastbert::attention: attn_bias dtype ", bias.scalar_type(), " is not supported");
   }
 }
@@ -337,7 +334,9 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
           std::fill(p, p + width, 0.f);
         } else {
           const Vec vl(li);
-          for (int64_t c = 0; c < width; c += kVec) (Vec::loadu(p + c) - vl).exp().store(p + c);
+          // s - lse <= 0 in exact arithmetic; clamping keeps a rounded lse from giving P > 1
+          for (int64_t c = 0; c < width; c += kVec)
+            at::vec::minimum(Vec::loadu(p + c) - vl, Vec(0.f)).exp().store(p + c);
         }
         const Vec vd(delta[i]);
         if (P.drop.on) {
