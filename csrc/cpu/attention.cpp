@@ -12,11 +12,12 @@
 //   s_j = scale * q_i . k_j + bias_ij          (-inf where masked: padding, causal j > i)
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  c = exp(m - m')
 //   l' = c * l + sum_j p_j;  o' = c * o + sum_j z_ij p_j v_j    (z: dropout factor, 0 or 1/(1-p))
-// and at the end out_i = o / l, lse_i = m + log l. An attn_bias value below -1e20 masks its key. The softmax denominator l sums the undropped p,
+// and at the end out_i = o / l, lse_i = m + log l. The softmax denominator l sums the undropped p,
 // as the reference does (dropout acts on the normalized probabilities). A row with no visible key
-// keeps m = -inf: out_i = 0, lse_i = +inf.
+// keeps m = -inf: out_i = 0, lse_i = +inf. An attn_bias value below -1e20 masks its key (see
+// kBiasMasked).
 //
-// Backward recomputes P_ij = exp(s_ij - lse_i) (0 for lse = +inf) and, with dO the output gradient,
+// Backward recomputes P_ij = exp(min(s_ij - lse_i, 0)) (0 for lse = +inf) and, with dO the output gradient,
 //   dV_j = sum_i z_ij P_ij dO_i
 //   dP_ij = z_ij dO_i . v_j
 //   dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij = dO_i . out_i
