@@ -122,10 +122,14 @@ def test_markdown_and_plots_written(quick_run):
         assert f"]({p})" in md
 
 
-def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path):
+def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path, monkeypatch):
     import shutil
 
+    import fastbert.bench.__main__ as bench_main
+
     src, data = quick_run
+    # others may commit to the checkout while the suite runs: pin the commit the first run saw
+    monkeypatch.setattr(bench_main, "_commit", lambda: data["env"]["commit"])
     out = tmp_path / "appended"
     shutil.copytree(src, out)
     threads = torch.get_num_threads()
