@@ -89,16 +89,41 @@ def _gemm_configs():
     for bm, bn, bk, stages, warps in (
         (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 8),
-        (64, 64, 32, 4, 4), (32, 64, 32, 4, 4),
+        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 64, 32, 4, 4),
     ):
         cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_stages=stages, num_warps=warps))
     return cfg
 
 
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Benchmark only tiles that can win: none larger than the problem (a 256-row tile for 7 rows
+    wastes the launch and the autotuning time), and at fp32 (IEEE products on FMA units, fp32
+    operands in registers) none above 128 x 64 x 32, which spill."""
+    if len(configs) == 1:
+        return configs
+
+    def cap(v):
+        return max(32, triton.next_power_of_2(int(v)))
+
+    m, n, k = cap(named_args["M_BUCKET"]), cap(named_args["N"]), cap(named_args["K"])
+    ieee = kwargs.get("IEEE", named_args.get("IEEE", False))
+    keep = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bm > m or bn > n or bk > k:
+            continue
+        if ieee and (bm * bn > 128 * 64 or bk > 32):
+            continue
+        keep.append(c)
+    # the smallest tile always fits
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
 @triton.autotune(
     configs=_gemm_configs(),
     key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "ACTIVATION", "HAS_BIAS", "SAVE_PRE", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
 @triton.jit
 def _linear_gelu_fwd_kernel(
