@@ -223,19 +223,22 @@ class FastBertSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = q.out_features // num_heads
         self.scale = scale
-        self.dropout = dropout  # nn.Dropout (shared with HF) or float
+        # the probability is read at every call, so changing the HF module's dropout.p is honoured; a
+        # float is kept in a tuple so that nn.Module does not try to register it
+        self._dropout = (dropout,)
         self.qkv = FusedQKV(q, k, v)
 
     @classmethod
     def from_hf(cls, module: nn.Module) -> "FastBertSelfAttention":
         layout = detect_layout(module, attention=True)
-        return cls(_get(module, layout.q), _get(module, layout.k), _get(module, layout.v),
+        twin = cls(_get(module, layout.q), _get(module, layout.k), _get(module, layout.v),
                    int(_get(module, layout.heads)), dropout=_get(module, layout.attn_dropout) or 0.0,
                    scale=getattr(module, "scaling", None), names=(layout.q, layout.k, layout.v))
+        return twin.train(module.training)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
-        p = _dropout_p(self.dropout) if self.training else 0.0
+        p = _dropout_p(self._dropout[0]) if self.training else 0.0
         return _self_attention(hidden_states, self.qkv, self.num_heads, self.scale, p, attention_mask,
                                cu_seqlens, max_seqlen)
 
