@@ -11,10 +11,13 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "cuda/launchers.h"
 
