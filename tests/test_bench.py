@@ -149,6 +149,11 @@ def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path, monkeypatch):
     assert new["env"]["command"] == data["env"]["command"]
     assert new["env"]["appended_commands"][0].startswith("python -m fastbert.bench --append")
     assert "then, appended:" in (out / "results.md").read_text()
+    # rows of another commit (or device, versions, threads) do not mix into one folder
+    monkeypatch.setattr(bench_main, "_commit", lambda: "another-commit")
+    with pytest.raises(SystemExit, match="commit"):
+        main(["--append", "--device", "cpu", "--threads", str(data["env"]["cpu_threads"]), "--no-models",
+              "--ops", "bias_gelu", "--out", str(out)])
 
 
 # ----------------------------------------------------------------------------------------------
