@@ -64,9 +64,11 @@ def _grads(out, inputs, dy):
 # ----------------------------------------------------------------------------------------------
 # linear_gelu
 # ----------------------------------------------------------------------------------------------
-# (x shape, N, bias?): rows 1, 7, 129; K/N powers of two and not (48/96, 384); leading dims; no bias
+# (x shape, N, bias?): rows 1, 7, 129; K/N powers of two and not (48/96, 384, 13 < one K step / 70);
+# leading dims; no bias
 LG_SHAPES = [
     ((1, 32), 64, True),
+    ((5, 3, 13), 70, True),
     ((7, 48), 96, True),
     ((129, 32), 64, True),
     ((2, 7, 48), 96, False),
