@@ -145,6 +145,15 @@ def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path, monkeypatch):
     assert new["rows"][:len(data["rows"])] == data["rows"]
     added = new["rows"][len(data["rows"]):]
     assert added and {r["name"] for r in added} == {"bias_gelu"}
+    # the same case run again replaces its row instead of adding a duplicate
+    rc = main(["--append", "--device", "cpu", "--threads", "1", "--no-models", "--ops", "bias_gelu",
+               "--op-model", "bert-tiny", "--op-batch", "1", "--op-seq", "8", "--quick", "--no-plots",
+               "--out", str(out)])
+    torch.set_num_threads(threads)
+    with open(out / "results.json") as f:
+        again = json.load(f)
+    assert len(again["rows"]) == len(new["rows"])
+    assert len(again["env"]["appended_commands"]) == 2
     assert new["env"]["peak_tflops"] == data["env"]["peak_tflops"]  # limits measured once
     assert new["env"]["command"] == data["env"]["command"]
     assert new["env"]["appended_commands"][0].startswith("python -m fastbert.bench --append")

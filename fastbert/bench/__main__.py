@@ -179,6 +179,10 @@ def environment(device: torch.device, argv: List[str], quick: bool) -> dict:
 CUDAGRAPH_MAX_BATCH = 8
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["kind"], r["name"], r["provider"], r["mode"], r["dtype"], r["batch"], r["seq"], r["varlen"])
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return f"{type(e).__name__}: " + ("; ".join(lines[:4])[:500] if lines else "")
@@ -457,6 +461,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_models(args, device, env, rows, bar)
         run_ops(args, device, env, rows, bar)
     env["wall_s"] = round(time.time() - t0 + (env.get("wall_s") or 0.0), 1)
+    if old_rows:
+        # a case measured again replaces its earlier row (and a provider's earlier "every shape" skip row)
+        full = {_row_key(r) for r in rows}
+        groups = {_row_key(r)[:5] for r in rows}
+        old_rows = [r for r in old_rows if _row_key(r) not in full
+                    and not (r["batch"] is None and _row_key(r)[:5] in groups)]
     rows = old_rows + rows
 
     plots = [] if args.no_plots else R.write_plots(args.out, rows)
