@@ -186,6 +186,17 @@ def _self_attention(h: torch.Tensor, qkv: FusedQKV, heads: int, scale: Optional[
     return out.reshape(*h.shape[:-1], hidden)
 
 
+def _add_ln(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Tensor, ln: nn.LayerNorm,
+            dropout_p: float) -> torch.Tensor:
+    """LayerNorm(dropout(x + x_bias) + residual) with ln's parameters. Under autocast the GEMM output x
+    is half precision while the residual stream stays fp32; HF's `dense(x) + residual` promotes to fp32
+    there, so do the same."""
+    if x.dtype != residual.dtype:
+        dt = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dt), residual.to(dt)
+    return ops.add_layer_norm(x, ln.weight, ln.bias, residual=residual, x_bias=x_bias, eps=ln.eps, dropout_p=dropout_p)
+
+
 def _activation_kind(config, names: Tuple[str, ...]):
     if config is None:
         return None
@@ -287,7 +298,13 @@ class FastBertLayer(nn.Module):
         lin = _get(self, self.layout.ffn_in)
         kind = self._act_kind
         if kind is not None and kind[0] == "gelu":
-            return ops.linear_gelu(a, lin.weight, lin.bias, approximate=kind[1])
+            w, b = lin.weight, lin.bias
+            dev = a.device.type
+            if torch.is_autocast_enabled(dev):
+                # a custom op is not autocast by torch: cast as autocast would cast F.linear's inputs
+                dt = torch.get_autocast_dtype(dev)
+                a, w, b = a.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
+            return ops.linear_gelu(a, w, b, approximate=kind[1])
         y = F.linear(a, lin.weight, lin.bias)
         if kind is not None and kind[0] == "relu":
             return F.relu(y)
@@ -304,12 +321,10 @@ class FastBertLayer(nn.Module):
         ctx = _self_attention(h, self.attn.qkv, self.attn.num_heads, self.attn.scale,
                               self.attn.dropout_p() if train else 0.0, attention_mask, cu_seqlens, max_seqlen)
         o, ln1 = _get(self, L.o), _get(self, L.ln1)
-        a = ops.add_layer_norm(F.linear(ctx, o.weight), ln1.weight, ln1.bias, residual=h, x_bias=o.bias,
-                               eps=ln1.eps, dropout_p=_dropout_p(_get(self, L.drop1)) if train else 0.0)
+        a = _add_ln(F.linear(ctx, o.weight), o.bias, h, ln1, _dropout_p(_get(self, L.drop1)) if train else 0.0)
         f = self._ffn(a)
         o2, ln2 = _get(self, L.ffn_out), _get(self, L.ln2)
-        return ops.add_layer_norm(F.linear(f, o2.weight), ln2.weight, ln2.bias, residual=a, x_bias=o2.bias,
-                                  eps=ln2.eps, dropout_p=_dropout_p(_get(self, L.drop2)) if train else 0.0)
+        return _add_ln(F.linear(f, o2.weight), o2.bias, a, ln2, _dropout_p(_get(self, L.drop2)) if train else 0.0)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:

@@ -440,3 +440,36 @@ def test_from_pretrained_attn_implementation(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, attention_mask=mask).last_hidden_state[v],
                                    model(ids, attention_mask=mask).last_hidden_state[v], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# reduced precision: .half() / .to(bfloat16) and autocast (CPU here; CUDA in the gpu twins above)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model(dtype):
+    model = M.base_model("bert")
+    ref64 = copy.deepcopy(model).double()
+    hf = copy.deepcopy(model).to(dtype)
+    fast = fastbert.patch(copy.deepcopy(model).to(dtype))
+    ids, mask = M.inputs("bert")
+    v = mask.bool()[..., None]
+    with torch.no_grad():
+        outs = [m(ids, attention_mask=mask).last_hidden_state for m in (fast, hf, ref64)]
+    assert outs[0].dtype == dtype
+    assert_no_worse(f"{dtype} model", *outs, k=3, valid=v)
+
+
+def test_autocast_bf16():
+    model = M.base_model("bert")
+    ref64 = copy.deepcopy(model).double()
+    hf = copy.deepcopy(model)
+    fast = fastbert.patch(copy.deepcopy(model))
+    ids, mask = M.inputs("bert")
+    v = mask.bool()[..., None]
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = fast(ids, attention_mask=mask).last_hidden_state
+            b = hf(ids, attention_mask=mask).last_hidden_state
+        r = ref64(ids, attention_mask=mask).last_hidden_state
+    assert a.dtype == b.dtype
+    assert_no_worse("autocast bf16", a, b, r, k=3, valid=v, dtype=torch.bfloat16)
