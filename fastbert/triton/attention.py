@@ -61,10 +61,12 @@ import triton.language as tl
 from fastbert import backends
 from fastbert.ops._common import new_empty
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634
+# kernels can read module globals only when they are constexpr
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 # an additive bias below this (natural units) masks its key (see the module doc)
-BIAS_MASKED = -1.0e20
+BIAS_MASKED = tl.constexpr(-1.0e20)
 
 _INTERPRET = backends.triton_interpreter()
 
@@ -526,7 +528,7 @@ def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, caus
         bstr=tuple(bias.stride()) if bias is not None else (0, 0, 0, 0),
         cu=cu_seqlens if packed else q,
         seed=seed if dropout else q,
-        qk_scale=float(scale) * LOG2E,
+        qk_scale=float(scale) * _LOG2E,
         sm_scale=float(scale),
         drop_threshold=int(math.floor(dropout_p * 2147483648.0)) if dropout else 0,
         drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
