@@ -34,7 +34,7 @@ def quick_run(tmp_path_factory):
         rc = main(["--quick", "--device", "cpu", "--threads", "1", "--models", "bert-tiny", "--batch", "2", "--seq", "16",
                    "--providers", "hf-eager,hf-sdpa,hf-sdpa-compile,fastbert,fastbert-triton",
                    "--ops", "add_layer_norm,attention", "--op-model", "bert-tiny", "--op-batch", "1",
-                   "--op-seq", "16", "--out", str(out)])
+                   "--op-seq", "16", "--op-modes", "fwd,bwd", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -73,6 +73,7 @@ def test_measured_rows_are_sane(quick_run):
         assert ("model", p, False) in providers and ("model", p, True) in providers
     assert ("op", "torch-add+layer_norm", False) in providers
     assert ("op", "torch-sdpa-math", True) in providers
+    assert {r["mode"] for r in ok if r["kind"] == "op"} == {"fwd", "bwd"}
     for r in ok:
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["median_ms"] > 0 and r["tokens_per_s"] > 0

@@ -8,9 +8,9 @@ DIR/results.md and PNG plots. Defaults depend on the device:
        a varlen workload per shape; modes infer, train; dtypes float16, bfloat16, float32;
        ops at BERT-base shapes on the same grid, fwd and bwd.
   CPU  models bert-base, minilm-l6; B in {1, 8}, S = 128 (+ varlen); infer; float32;
-       ops at BERT-base shapes, B in {1, 8}, S = 128, fwd.
+       ops at BERT-base shapes, B in {1, 8}, S = 128, fwd and bwd.
   --quick  GPU: bert-base and minilm-l6, B = 8, S in {128, 512}, bfloat16, infer + train, no compile.
-           CPU: minilm-l6 and bert-base, B = 1, S = 128, infer, float32, no torch.compile.
+           CPU: minilm-l6 and bert-base, B = 1, S = 128, infer, float32, no torch.compile; ops fwd.
 Every option below overrides the default it names.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _defaults(args, dev: str) -> None:
     if args.op_seq is None:
         args.op_seq = args.seq
     if args.op_modes is None:
-        args.op_modes = ["fwd", "bwd"] if gpu else ["fwd"]
+        args.op_modes = ["fwd"] if (q and not gpu) else ["fwd", "bwd"]
     for m in args.modes:
         if m not in ("infer", "train"):
             raise SystemExit(f"--modes: unknown mode {m!r} (infer, train)")
