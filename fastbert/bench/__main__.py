@@ -179,6 +179,15 @@ def environment(device: torch.device, argv: List[str], quick: bool) -> dict:
 CUDAGRAPH_MAX_BATCH = 8
 
 
+def _record_dispatch(env: dict, key: str) -> None:
+    """Which backend fastbert's own choice gave each op (the last decision per op), once per key."""
+    table = env.setdefault("fastbert_auto_backends", {})
+    if key not in table:
+        from fastbert import backends
+
+        table[key] = {op: d.backend for op, d in backends.last_decisions().items() if not d.forced}
+
+
 def _row_key(r: dict) -> tuple:
     return (r["kind"], r["name"], r["provider"], r["mode"], r["dtype"], r["batch"], r["seq"], r["varlen"])
 
@@ -283,6 +292,8 @@ def _run_workload(args, device, env, rows, bar, runner, spec, label, cfg, dname,
             out = outs[0]
         else:
             out = runner.forward(sets[0])
+        if spec.family == "fastbert" and spec.backend is None:
+            _record_dispatch(env, f"{label} {dname} {spec.name}")
         if ref is not None and out is not None:
             valid = sets[0]["attention_mask"].bool().cpu()
             err = float((out.float().cpu() - ref).abs()[valid].max()) if valid.any() else 0.0

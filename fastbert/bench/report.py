@@ -133,6 +133,11 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
     L.append("Measured limits: " + ", ".join(f"{k} matmul {_f(v)} TFLOP/s" for k, v in peaks.items())
              + f"; copy {_f(env.get('bw_gbps'))} GB/s ({env.get('limits_method')}).")
     L.append("")
+    auto = env.get("fastbert_auto_backends") or {}
+    if auto:
+        L.append("fastbert's own backend choice per op (providers `fastbert`, `fastbert-padded`): "
+                 + "; ".join(f"{k}: " + ", ".join(f"{op} -> {b}" for op, b in v.items()) for k, v in auto.items()) + ".")
+        L.append("")
     L.append("Latency: median (p20-p80) in ms. Speedup: over hf-sdpa (models) or the PyTorch composition "
              "(ops). Error: max |out - HF fp32| over valid tokens (models), max |out - float64 reference| "
              "(ops). Model FLOPs/tokens count valid tokens only.")
