@@ -92,10 +92,21 @@ def _cpp_check(q, attn_bias, **_) -> List[str]:
     return why
 
 
+# csrc/cuda/attention.cu pads the head dim to 32/64/128 in shared memory; its binding rejects others
+CUDA_MAX_HEAD_DIM = 128
+
+
+def _cuda_check(q, attn_bias, **_) -> List[str]:
+    why = _common_reasons(q, attn_bias)
+    if q.shape[-1] > CUDA_MAX_HEAD_DIM:
+        why.append(f"head dim {q.shape[-1]} (the CUDA kernels take 1..{CUDA_MAX_HEAD_DIM})")
+    return why
+
+
 DISPATCH = backends.Dispatcher(
     OP,
     kernels=C.cpp_kernels("attention_fwd", "attention_bwd"),
-    checks={"triton": _triton_check, "cuda": _cpp_check, "cpu": _cpp_check},
+    checks={"triton": _triton_check, "cuda": _cuda_check, "cpu": _cpp_check},
 )
 
 
