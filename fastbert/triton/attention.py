@@ -144,6 +144,7 @@ def _attention_fwd_kernel(
     qk_scale,                   # scale * log2(e): scores in base 2
     drop_threshold,             # floor(p * 2^31): 31-bit randoms below it are dropped
     drop_scale,                 # 1 / (1 - p)
+    seq_bucket,                 # max(Sq, Sk) rounded up to a power of two: autotune key only
     HEAD_D: tl.constexpr,       # head dim D
     BLOCK_D: tl.constexpr,      # D rounded up to a power of two >= 16 (masked)
     BLOCK_M: tl.constexpr,      # query rows per program
@@ -268,6 +269,7 @@ def _attention_bwd_dkdv_kernel(
     qk_scale,                   # scale * log2(e)
     sm_scale,                   # scale (dK = scale * dS^T q)
     drop_threshold, drop_scale,
+    seq_bucket,                 # autotune key only (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per inner step
     BLOCK_N: tl.constexpr,      # keys per program
@@ -369,6 +371,7 @@ def _attention_bwd_dq_kernel(
     H, seqlen_q, seqlen_k,
     qk_scale, sm_scale,
     drop_threshold, drop_scale,
+    seq_bucket,                 # autotune key only (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per program
     BLOCK_N: tl.constexpr,      # keys per inner step
@@ -474,18 +477,17 @@ def _dq_configs():
 
 def _prune(configs, named_args, **kwargs):
     """Drop configs whose tiles dwarf the problem (a 128-row tile for 16 queries wastes the SM)."""
-    sq = named_args["seqlen_q"]
-    sk = named_args["seqlen_k"]
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(sq))
-            and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(sk))]
+    n = named_args["seq_bucket"]
+    keep = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(32, n)]
     return keep or configs[-1:]
 
 
 def _autotuned(kernel, configs):
+    # keyed on the sequence length bucket, not the length: a varlen workload whose max_seqlen
+    # changes every batch would otherwise re-tune every batch (tensor dtypes are keyed implicitly)
     if len(configs) == 1:
         return triton.autotune(configs=configs, key=_FLAGS)(kernel)
-    return triton.autotune(configs=configs, key=_FLAGS + ["seqlen_q", "seqlen_k"],
+    return triton.autotune(configs=configs, key=_FLAGS + ["seq_bucket"],
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
@@ -532,6 +534,7 @@ def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, caus
         sm_scale=float(scale),
         drop_threshold=int(math.floor(dropout_p * 2147483648.0)) if dropout else 0,
         drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
+        seq_bucket=min(max(16, triton.next_power_of_2(max(Sq, Sk, 1))), 8192),
         flags=dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PACKED=packed,
                    HAS_MASK=key_padding_mask is not None, HAS_BIAS=attn_bias is not None,
                    CAUSAL=bool(causal), DROPOUT=dropout),
@@ -563,7 +566,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
         q, k, v, out, lse, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
         slb, slh, *a["mstr"], *a["bstr"],
-        a["H"], a["Sq"], a["Sk"], a["qk_scale"], a["drop_threshold"], a["drop_scale"],
+        a["H"], a["Sq"], a["Sk"], a["qk_scale"], a["drop_threshold"], a["drop_scale"], a["seq_bucket"],
         **a["flags"],
     )
     return out, lse
@@ -594,7 +597,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
     )
     common = (*a["mstr"], *a["bstr"], H, a["Sq"], a["Sk"], a["qk_scale"], a["sm_scale"],
-              a["drop_threshold"], a["drop_scale"])
+              a["drop_threshold"], a["drop_scale"], a["seq_bucket"])
     grid_kv = lambda META: (triton.cdiv(a["Sk"], META["BLOCK_N"]) * a["B"] * H,)  # noqa: E731
     _dkdv[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv, a["mask"], a["bias"], a["cu"], a["seed"],
