@@ -55,7 +55,7 @@ class UnsupportedModelError(TypeError):
 @dataclasses.dataclass
 class _PatchState:
     arch: table.Architecture
-    layer_list: nn.ModuleList
+    layer_list: Optional[nn.ModuleList]   # None: the twins live beside the model (XLM/FlauBERT)
     originals: List[nn.Module]
     fast: List[FastBertLayer]
     backend: Optional[str]
@@ -115,6 +115,11 @@ def _is_inside(m: nn.Module, parent: nn.Module) -> bool:
 
 
 def _patch_base(base: nn.Module, arch: table.Architecture, backend, padding_free) -> None:
+    if arch.layers is None:  # no layer modules to swap: twins of per-layer views, kept in the state
+        layer_list, originals = None, []
+        fast = [FastBertLayer.from_hf(v, arch.layout, config=base.config) for v in arch.layer_views(base)]
+        _finish_patch(base, arch, backend, padding_free, layer_list, originals, fast)
+        return
     layer_list = _get(base, arch.layers)
     originals = list(layer_list)
     fast = []
@@ -123,11 +128,16 @@ def _patch_base(base: nn.Module, arch: table.Architecture, backend, padding_free
         f.gradient_checkpointing = bool(getattr(layer, "gradient_checkpointing", False))
         f.train(layer.training)
         fast.append(f)
+    _finish_patch(base, arch, backend, padding_free, layer_list, originals, fast)
+
+
+def _finish_patch(base, arch, backend, padding_free, layer_list, originals, fast) -> None:
     sig = inspect.signature(type(base).forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     state = _PatchState(arch, layer_list, originals, fast, backend, padding_free, sig, var_kw)
-    for i, f in enumerate(fast):
-        layer_list[i] = f
+    if layer_list is not None:
+        for i, f in enumerate(fast):
+            layer_list[i] = f
     base.__dict__[_STATE] = state
     base.forward = types.MethodType(_patched_forward, base)
 
@@ -164,7 +174,7 @@ def _sync_flags(src: nn.Module, dst: nn.Module) -> None:
 def _fallback_reasons(base: nn.Module, state: _PatchState, a: Dict[str, Any], extra: Dict[str, Any]) -> List[str]:
     cfg = base.config
     arch = state.arch
-    why = list(arch.config_reasons(cfg))
+    why = list(arch.config_reasons(base))
     for name, val in a.items():
         if name in arch.args or val is None:
             continue
@@ -210,6 +220,9 @@ def _patched_forward(self: nn.Module, *args, **kwargs):
     a = dict(bound.arguments)
     a.pop("self", None)
     extra = dict(a.pop(state.var_kw, {}) or {}) if state.var_kw else {}
+    for name in _KNOWN_KWARGS:  # explicit parameters in some models (XLM/FlauBERT), **kwargs in others
+        if name in a:
+            extra[name] = a.pop(name)
     reasons = _fallback_reasons(self, state, a, extra)
     if reasons:
         _warn_once(self, state, reasons)
@@ -221,6 +234,8 @@ def _patched_forward(self: nn.Module, *args, **kwargs):
 
 def _fallback(self: nn.Module, state: _PatchState, args, kwargs):
     state.fallback_calls += 1
+    if state.layer_list is None:  # nothing was swapped: HF's forward runs HF's modules as they are
+        return type(self).forward(self, *args, **kwargs)
     for i, (orig, f) in enumerate(zip(state.originals, state.fast)):
         _sync_flags(f, orig)
         state.layer_list[i] = orig
@@ -252,7 +267,8 @@ def _fast_forward(self: nn.Module, state: _PatchState, a: Dict[str, Any], extra:
     cfg = self.config
     arch = state.arch
     state.fast_calls += 1
-    h = arch.embed(self, a)  # [B, S, hidden]
+    mask = arch.derive_mask(self, a) if arch.derive_mask is not None else a.get("attention_mask")
+    h = arch.embed(self, a, mask)  # [B, S, hidden]
     B, S, H = h.shape
     want_hs = extra.get("output_hidden_states")
     if want_hs is None:
@@ -261,7 +277,6 @@ def _fast_forward(self: nn.Module, state: _PatchState, a: Dict[str, Any], extra:
     if return_dict is None:
         return_dict = getattr(cfg, "return_dict", True)
 
-    mask = a.get("attention_mask")
     valid = None
     plan = None
     if mask is not None and B * S > 0:
@@ -286,8 +301,11 @@ def _fast_forward(self: nn.Module, state: _PatchState, a: Dict[str, Any], extra:
         seq = hs[-1] if hs is not None and len(state.fast) else unpack(x)
     else:
         x = h
+        zero = valid[..., None] if (arch.zero_padding and valid is not None) else None
         for layer in state.fast:
             x = layer(x, valid)
+            if zero is not None:  # the model defines its padding positions as 0 after every layer
+                x = x * zero.to(x.dtype)
             if hs is not None:
                 hs.append(x)
         seq = x
@@ -322,7 +340,8 @@ def explain_model(model: nn.Module) -> List[str]:
             f"{state.fast_calls} fused call(s), {state.fallback_calls} call(s) on HF's code"
             + (f" (because {'; '.join(sorted(state.warned))})" if state.warned else ""))
         for i, f in enumerate(state.fast):
-            lines.append(f"  {where}.{state.arch.layers}.{i}: FastBertLayer({f.extra_repr()})")
+            at = f"{where}.{state.arch.layers}.{i}" if state.arch.layers else f"{where} layer {i} (beside the model)"
+            lines.append(f"  {at}: FastBertLayer({f.extra_repr()})")
     if not lines:
         lines.append(f"{type(model).__name__}: no supported Hugging Face model inside (nothing patched)")
     return lines

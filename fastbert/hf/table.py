@@ -10,27 +10,104 @@ import dataclasses
 import importlib
 from typing import Callable, Dict, List, Optional, Tuple
 
-from fastbert.nn.layers import BERT_LAYOUT, DISTILBERT_LAYOUT, Layout
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbert.nn.layers import BERT_LAYOUT, DISTILBERT_LAYOUT, XLM_LAYOUT, Layout
 
 
-def _bert_embed(base, a: Dict) -> "torch.Tensor":  # noqa: F821
+def _bert_embed(base, a: Dict, mask=None) -> torch.Tensor:
     return base.embeddings(input_ids=a.get("input_ids"), position_ids=a.get("position_ids"),
                            token_type_ids=a.get("token_type_ids"), inputs_embeds=a.get("inputs_embeds"),
                            past_key_values_length=0)
 
 
-def _electra_embed(base, a: Dict):
+def _electra_embed(base, a: Dict, mask=None):
     h = _bert_embed(base, a)
     if hasattr(base, "embeddings_project"):  # ELECTRA small: embedding_size != hidden_size
         h = base.embeddings_project(h)
     return h
 
 
-def _distilbert_embed(base, a: Dict):
+def _distilbert_embed(base, a: Dict, mask=None):
     return base.embeddings(a.get("input_ids"), a.get("inputs_embeds"), a.get("position_ids"))
 
 
-def _decoder_reasons(config) -> List[str]:
+def _xlm_embed(base, a: Dict, mask=None):
+    """XLMModel/FlaubertModel's embedding block (they have no embeddings module)."""
+    ids, emb = a.get("input_ids"), a.get("inputs_embeds")
+    bs, slen = ids.shape if ids is not None else emb.shape[:2]
+    pos = a.get("position_ids")
+    if pos is None:
+        pos = base.position_ids[:, :slen].expand(bs, slen)
+    if emb is None:
+        emb = base.embeddings(ids)
+    t = emb + base.position_embeddings(pos).expand_as(emb)
+    langs = a.get("langs")
+    if langs is not None and base.use_lang_emb and base.config.n_langs > 1:
+        t = t + base.lang_embeddings(langs)
+    if a.get("token_type_ids") is not None:
+        t = t + base.embeddings(a["token_type_ids"])  # XLM embeds token types with the word table
+    t = base.layer_norm_emb(t)
+    t = F.dropout(t, p=base.dropout, training=base.training)
+    if mask is not None:
+        t = t * mask[..., None].to(t.dtype)
+    return t
+
+
+def _xlm_mask(base, a: Dict):
+    """The padding mask XLM/FlaubertModel derive when no attention_mask is given: from `lengths`, or
+    from the count of non-pad tokens (it assumes right padding, and so does this)."""
+    if a.get("attention_mask") is not None:
+        return a["attention_mask"]
+    ids = a.get("input_ids")
+    lengths = a.get("lengths")
+    if lengths is None:
+        if ids is None:
+            return None
+        lengths = (ids != base.pad_index).sum(dim=1)
+    slen = ids.shape[1] if ids is not None else a["inputs_embeds"].shape[1]
+    return torch.arange(slen, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class _XLMLayer(nn.Module):
+    """One XLM/FlauBERT layer gathered from the model's parallel ModuleLists (see nn.XLM_LAYOUT). Not
+    registered in the model: the model's own lists stay the owners of these modules."""
+
+    def __init__(self, base, i: int):
+        super().__init__()
+        self.attention = base.attentions[i]
+        self.layer_norm1 = base.layer_norm1[i]
+        self.ffn = base.ffns[i]
+        self.layer_norm2 = base.layer_norm2[i]
+        self._base = (base,)
+
+    @property
+    def hidden_dropout(self) -> float:
+        return float(self._base[0].dropout)
+
+
+def _xlm_layers(base) -> List[nn.Module]:
+    return [_XLMLayer(base, i) for i in range(base.n_layers)]
+
+
+def _xlm_reasons(base) -> List[str]:
+    c = base.config
+    why = []
+    if getattr(base, "pre_norm", False):
+        why.append("config.pre_norm=True (pre-LayerNorm layers)")
+    if getattr(c, "causal", False) or not getattr(c, "is_encoder", True):
+        why.append("a causal / decoder configuration")
+    if base.training and getattr(base, "layerdrop", 0.0) > 0.0:
+        why.append("LayerDrop in training mode")
+    if c.n_layers != len(base.attentions):
+        why.append("layers were pruned")
+    return why
+
+
+def _decoder_reasons(base) -> List[str]:
+    config = base.config
     why = []
     if getattr(config, "is_decoder", False):
         why.append("config.is_decoder=True (causal decoder / KV cache)")
@@ -42,7 +119,7 @@ def _decoder_reasons(config) -> List[str]:
     return why
 
 
-def _distilbert_reasons(config) -> List[str]:
+def _distilbert_reasons(base) -> List[str]:
     return []
 
 
@@ -52,13 +129,18 @@ class Architecture:
     model_types: Tuple[str, ...]           # config.model_type values
     model: Tuple[str, str]                 # (module, class) of the bare base model that gets patched
     layer: Tuple[str, str]                 # (module, class) of its encoder layer
-    layers: str                            # dotted path, in the base model, of the nn.ModuleList of layers
+    layers: Optional[str]                  # dotted path, in the base model, of the nn.ModuleList of layers
     layout: Layout                         # where q/k/v/o/LayerNorms/FFN live inside one layer
-    embed: Callable                        # (base model, bound forward args) -> [B, S, hidden]
+    embed: Callable                        # (base model, bound forward args, [B, S] mask or None) -> [B, S, hidden]
     output: str                            # transformers.modeling_outputs class the base model returns
     pooler: Optional[str]                  # attribute holding the pooler (may be None at runtime)
     args: Tuple[str, ...]                  # forward arguments the fast path serves when not None
-    config_reasons: Callable = _decoder_reasons  # config -> reasons the fast path cannot serve
+    config_reasons: Callable = _decoder_reasons  # base model -> reasons the fast path cannot serve now
+    # architectures without a layer module (XLM/FlauBERT): base -> one view module per layer; the
+    # twins then live beside the model instead of in its module tree
+    layer_views: Optional[Callable] = None
+    derive_mask: Optional[Callable] = None  # (base, args) -> the [B, S] mask the model uses when none is given
+    zero_padding: bool = False              # the model zeroes padding positions after every layer
 
     def model_class(self):
         return _load(self.model)
@@ -106,6 +188,13 @@ ARCHITECTURES: Tuple[Architecture, ...] = (
         layers="transformer.layer", layout=DISTILBERT_LAYOUT, embed=_distilbert_embed, output="BaseModelOutput",
         pooler=None, args=("input_ids", "attention_mask", "inputs_embeds", "position_ids"),
         config_reasons=_distilbert_reasons),
+    Architecture(
+        name="flaubert", model_types=("flaubert",),
+        model=(f"{_M}.flaubert.modeling_flaubert", "FlaubertModel"),
+        layer=(f"{_M}.flaubert.modeling_flaubert", "MultiHeadAttention"),
+        layers=None, layout=XLM_LAYOUT, embed=_xlm_embed, output="BaseModelOutput", pooler=None,
+        args=("input_ids", "attention_mask", "langs", "token_type_ids", "position_ids", "lengths", "inputs_embeds"),
+        config_reasons=_xlm_reasons, layer_views=_xlm_layers, derive_mask=_xlm_mask, zero_padding=True),
 )
 
 

@@ -1,8 +1,8 @@
 """Drop-in fastbert modules holding the same Parameter objects as the Hugging Face modules they
 replace: `FastBertLayer.from_hf(hf_layer)`, `FastBertSelfAttention.from_hf(hf_self_attention)`.
 No transformers import here (fastbert/hf knows about transformers)."""
-from fastbert.nn.layers import (BERT_LAYOUT, DISTILBERT_LAYOUT, LAYOUTS, FastBertLayer, FastBertSelfAttention,
+from fastbert.nn.layers import (BERT_LAYOUT, DISTILBERT_LAYOUT, LAYOUTS, XLM_LAYOUT, FastBertLayer, FastBertSelfAttention,
                                 FusedQKV, Layout, detect_layout, invalidate_caches)
 
-__all__ = ["FastBertLayer", "FastBertSelfAttention", "FusedQKV", "Layout", "BERT_LAYOUT", "DISTILBERT_LAYOUT",
+__all__ = ["FastBertLayer", "FastBertSelfAttention", "FusedQKV", "Layout", "BERT_LAYOUT", "DISTILBERT_LAYOUT", "XLM_LAYOUT",
            "LAYOUTS", "detect_layout", "invalidate_caches"]

@@ -89,7 +89,15 @@ DISTILBERT_LAYOUT = Layout(
     act="ffn.activation", ffn_out="ffn.lin2", ln2="output_layer_norm", drop2="ffn.dropout",
     act_config=("activation",))
 
-LAYOUTS = (BERT_LAYOUT, DISTILBERT_LAYOUT)
+# XLM / FlauBERT have no layer module: their layers are four parallel ModuleLists in the model. The
+# layer here is a view holding attention / layer_norm1 / ffn / layer_norm2 of one index, plus the
+# model's hidden dropout probability as `hidden_dropout` (fastbert/hf builds it).
+XLM_LAYOUT = Layout(
+    name="xlm", attention="attention", q="q_lin", k="k_lin", v="v_lin", heads="n_heads", attn_dropout="dropout",
+    o="attention.out_lin", ln1="layer_norm1", drop1="hidden_dropout", ffn_in="ffn.lin1", act="ffn.act",
+    ffn_out="ffn.lin2", ln2="layer_norm2", drop2="ffn.dropout", act_config=("gelu_activation",))
+
+LAYOUTS = (BERT_LAYOUT, DISTILBERT_LAYOUT, XLM_LAYOUT)
 
 
 def _dropout_p(obj) -> float:
@@ -204,6 +212,8 @@ def _activation_kind(config, names: Tuple[str, ...]):
         act = getattr(config, n, None)
         if isinstance(act, str):
             return ACTIVATIONS.get(act)
+        if n == "gelu_activation" and isinstance(act, bool):  # XLM/FlauBERT: exact GELU or ReLU
+            return ("gelu", "none") if act else ("relu", None)
     return None
 
 
@@ -274,6 +284,9 @@ class FastBertLayer(nn.Module):
         self.layout = layout
         for name, child in hf_layer.named_children():
             self.add_module(name, child)
+        # paths resolve inside the HF layer (same children; also reaches plain attributes such as a
+        # float dropout probability); a tuple so that it is not registered a second time
+        self._hf = (hf_layer,)
         att = _get(hf_layer, layout.attention)
         if config is None:
             config = getattr(att, "config", None)
@@ -295,7 +308,7 @@ class FastBertLayer(nn.Module):
         return f"layout={self.layout.name}, heads={self.attn.num_heads}, activation={act}"
 
     def _ffn(self, a: torch.Tensor) -> torch.Tensor:
-        lin = _get(self, self.layout.ffn_in)
+        lin = _get(self._hf[0], self.layout.ffn_in)
         kind = self._act_kind
         if kind is not None and kind[0] == "gelu":
             w, b = lin.weight, lin.bias
@@ -320,11 +333,12 @@ class FastBertLayer(nn.Module):
         train = self.attn.module.training
         ctx = _self_attention(h, self.attn.qkv, self.attn.num_heads, self.attn.scale,
                               self.attn.dropout_p() if train else 0.0, attention_mask, cu_seqlens, max_seqlen)
-        o, ln1 = _get(self, L.o), _get(self, L.ln1)
-        a = _add_ln(F.linear(ctx, o.weight), o.bias, h, ln1, _dropout_p(_get(self, L.drop1)) if train else 0.0)
+        hf = self._hf[0]
+        o, ln1 = _get(hf, L.o), _get(hf, L.ln1)
+        a = _add_ln(F.linear(ctx, o.weight), o.bias, h, ln1, _dropout_p(_get(hf, L.drop1)) if train else 0.0)
         f = self._ffn(a)
-        o2, ln2 = _get(self, L.ffn_out), _get(self, L.ln2)
-        return _add_ln(F.linear(f, o2.weight), o2.bias, a, ln2, _dropout_p(_get(self, L.drop2)) if train else 0.0)
+        o2, ln2 = _get(hf, L.ffn_out), _get(hf, L.ln2)
+        return _add_ln(F.linear(f, o2.weight), o2.bias, a, ln2, _dropout_p(_get(hf, L.drop2)) if train else 0.0)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:

@@ -31,6 +31,9 @@ def config(arch: str, **over):
     elif arch == "distilbert":
         c = T.DistilBertConfig(vocab_size=VOCAB, max_position_embeddings=32, dim=32, n_layers=2, n_heads=2,
                                hidden_dim=64)
+    elif arch == "flaubert":
+        c = T.FlaubertConfig(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=32,
+                             gelu_activation=True, pad_index=2)
     else:
         raise KeyError(arch)
     for k, v in over.items():
@@ -39,7 +42,8 @@ def config(arch: str, **over):
 
 
 BASE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-        "camembert": "CamembertModel", "electra": "ElectraModel", "distilbert": "DistilBertModel"}
+        "camembert": "CamembertModel", "electra": "ElectraModel", "distilbert": "DistilBertModel",
+        "flaubert": "FlaubertModel"}
 ARCHS = list(BASE)
 
 
@@ -51,15 +55,15 @@ def base_model(arch: str, **over):
 
 
 def inputs(arch: str, batch=3, seq=7, pad_rows=((1, 4),), empty_row=None, seed=1):
-    """input_ids (tokens >= 2, so never the pad id) and a right-padded attention mask."""
+    """input_ids (tokens >= 3, so never a pad id) and a right-padded attention mask."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
     for row, start in pad_rows:
         mask[row, start:] = 0
     if empty_row is not None:
         mask[empty_row] = 0
-    pad_id = 1 if arch in ("roberta", "xlm-roberta", "camembert") else 0
+    pad_id = {"roberta": 1, "xlm-roberta": 1, "camembert": 1, "flaubert": 2}.get(arch, 0)
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
     return ids, mask
 

@@ -473,3 +473,37 @@ def test_autocast_bf16():
         r = ref64(ids, attention_mask=mask).last_hidden_state
     assert a.dtype == b.dtype
     assert_no_worse("autocast bf16", a, b, r, k=3, valid=v, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# FlauBERT (XLM layout: no layer modules, padding zeroed after every layer, mask derived from pads)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_flaubert_all_positions_and_derived_mask(padding_free):
+    model = M.base_model("flaubert")
+    hf32, ref64, fast = M.triplet(model)
+    fastbert.patch(fast, padding_free=padding_free)
+    sd = list(fast.state_dict())
+    assert sd == list(hf32.state_dict())
+    ids, mask = M.inputs("flaubert")
+    # no attention_mask: FlaubertModel derives it from the pad tokens, and so must the fast path
+    with torch.no_grad():
+        outs = [m(ids, output_hidden_states=True) for m in (fast, hf32, ref64)]
+    for i, hs in enumerate(zip(*(o.hidden_states for o in outs))):
+        # HF defines padding positions as 0 after every layer: compare every position
+        assert_no_worse(f"hidden_states[{i}]", *hs, k=3)
+    assert _state(fast).fallback_calls == 0
+    M.assert_model_no_worse(fast, hf32, ref64, ids, mask)
+
+
+def test_flaubert_head_and_unpatch():
+    torch.manual_seed(0)
+    model = transformers.FlaubertForSequenceClassification(M.config("flaubert")).eval()
+    ids, mask = M.inputs("flaubert")
+    ref = model(ids, attention_mask=mask).logits
+    fastbert.patch(model)
+    got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert _state(model).fast_calls == 1
+    fastbert.unpatch(model)
+    assert torch.equal(model(ids, attention_mask=mask).logits, ref)
