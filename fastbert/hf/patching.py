@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import types
 import warnings
 from typing import Any, Dict, List, Optional, Set
 
@@ -139,7 +138,24 @@ def _finish_patch(base, arch, backend, padding_free, layer_list, originals, fast
         for i, f in enumerate(fast):
             layer_list[i] = f
     base.__dict__[_STATE] = state
-    base.forward = types.MethodType(_patched_forward, base)
+    base.forward = _PatchedForward(base)
+
+
+class _PatchedForward:
+    """The instance-level `forward` of a patched base model. A small object rather than a bound method
+    so that the model still pickles and deep-copies (a bound method pickles as getattr(model, its
+    function's name)), and so that inspect.signature(model.forward) still shows HF's parameters (the
+    Trainer reads it to pick dataset columns)."""
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.base).forward.__get__(self.base))
+
+    def __call__(self, *args, **kwargs):
+        return _patched_forward(self.base, *args, **kwargs)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -507,3 +507,37 @@ def test_flaubert_head_and_unpatch():
     assert _state(model).fast_calls == 1
     fastbert.unpatch(model)
     assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+
+
+def test_deepcopy_pickle_and_signature():
+    import inspect
+    import io
+
+    model = fastbert.patch(M.base_model("bert"))
+    ids, mask = M.inputs("bert")
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask).last_hidden_state
+        assert list(inspect.signature(model.forward).parameters)[:2] == ["input_ids", "attention_mask"]
+        dup = copy.deepcopy(model)
+        assert torch.equal(dup(ids, attention_mask=mask).last_hidden_state, a) and _state(dup).fast_calls == 1
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(ids, attention_mask=mask).last_hidden_state, a) and is_patched(loaded)
+    fastbert.unpatch(loaded)
+    assert type(loaded.encoder.layer[0]).__name__ == "BertLayer"
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_inputs_embeds(arch):
+    model = M.base_model(arch)
+    hf32, ref64, fast = M.triplet(model)
+    fastbert.patch(fast)
+    ids, mask = M.inputs(arch)
+    v = mask.bool()[..., None]
+    with torch.no_grad():
+        outs = [m(inputs_embeds=m.get_input_embeddings()(ids), attention_mask=mask).last_hidden_state
+                for m in (fast, hf32, ref64)]
+    assert_no_worse("inputs_embeds", *outs, k=3, valid=v)
+    assert _state(fast).fallback_calls == 0
