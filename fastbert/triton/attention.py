@@ -78,9 +78,10 @@ _INTERPRET = backends.triton_interpreter()
 def _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED: tl.constexpr):
     """(row offset of the sequence in the packed layout, its query length, its key length)."""
     if PACKED:
-        start = tl.load(CuSeqlens + b)
-        end = tl.load(CuSeqlens + b + 1)
-        return start, end - start, end - start
+        # int64 row offset: start * token stride can pass 2^31 on large packed batches
+        start = tl.load(CuSeqlens + b).to(tl.int64)
+        end = tl.load(CuSeqlens + b + 1).to(tl.int64)
+        return start, (end - start).to(tl.int32), (end - start).to(tl.int32)
     else:
         return 0, seqlen_q, seqlen_k
 
@@ -159,6 +160,7 @@ def _attention_fwd_kernel(
     off_bh = pid // num_m
     b = off_bh // H
     h = off_bh % H
+    b64 = b.to(tl.int64)  # batch offsets in int64: b * batch stride can pass 2^31
     seq_start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
     if start_m >= len_q:  # packed: this sequence is shorter than max_seqlen
         return
@@ -169,19 +171,19 @@ def _attention_fwd_kernel(
     d_ok = offs_d < HEAD_D
     m_ok = offs_m < len_q
 
-    q_base = Q + b * stride_qb + seq_start * stride_qs + h * stride_qh
-    k_base = K + b * stride_kb + seq_start * stride_ks + h * stride_kh
-    v_base = V + b * stride_vb + seq_start * stride_vs + h * stride_vh
+    q_base = Q + b64 * stride_qb + seq_start * stride_qs + h * stride_qh
+    k_base = K + b64 * stride_kb + seq_start * stride_ks + h * stride_kh
+    v_base = V + b64 * stride_vb + seq_start * stride_vs + h * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
                 other=0.0)
 
-    kv_lo, kv_hi = _key_range(Mask, b, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
+    kv_lo, kv_hi = _key_range(Mask, b64, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
     if CAUSAL:
         kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
     if DROPOUT:
         seed = tl.load(Seed)
     if HAS_BIAS:
-        bias_base = Bias + b * stride_bb + h * stride_bh
+        bias_base = Bias + b64 * stride_bb + h * stride_bh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -196,7 +198,7 @@ def _attention_fwd_kernel(
             s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
         visible = n_ok[None, :]
         if HAS_MASK:
-            key_ok = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            key_ok = tl.load(Mask + b64 * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
             visible = visible & key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
@@ -219,10 +221,10 @@ def _attention_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # acc is 0 on empty rows: they write 0
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_base = Out + b * stride_ob + seq_start * stride_os + h * stride_oh
+    o_base = Out + b64 * stride_ob + seq_start * stride_os + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + b * stride_lb + h * stride_lh + seq_start + offs_m, lse, mask=m_ok)
+    tl.store(Lse + b64 * stride_lb + h * stride_lh + seq_start + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -284,6 +286,7 @@ def _attention_bwd_dkdv_kernel(
     off_bh = pid // num_n
     b = off_bh // H
     h = off_bh % H
+    b64 = b.to(tl.int64)  # batch offsets in int64: b * batch stride can pass 2^31
     seq_start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
     if start_n >= len_k:
         return
@@ -293,20 +296,20 @@ def _attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     n_ok = offs_n < len_k
-    k = tl.load(K + b * stride_kb + h * stride_kh + (seq_start + offs_n[:, None]) * stride_ks + offs_d[None, :],
+    k = tl.load(K + b64 * stride_kb + h * stride_kh + (seq_start + offs_n[:, None]) * stride_ks + offs_d[None, :],
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + (seq_start + offs_n[:, None]) * stride_vs + offs_d[None, :],
+    v = tl.load(V + b64 * stride_vb + h * stride_vh + (seq_start + offs_n[:, None]) * stride_vs + offs_d[None, :],
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     key_ok = n_ok
     if HAS_MASK:
-        key_ok = key_ok & (tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
+        key_ok = key_ok & (tl.load(Mask + b64 * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
 
-    q_base = Q + b * stride_qb + seq_start * stride_qs + h * stride_qh
-    do_base = DO + b * stride_dob + seq_start * stride_dos + h * stride_doh
-    l_base = Lse + b * stride_lb + h * stride_lh + seq_start
-    d_base = Delta + b * stride_lb + h * stride_lh + seq_start
+    q_base = Q + b64 * stride_qb + seq_start * stride_qs + h * stride_qh
+    do_base = DO + b64 * stride_dob + seq_start * stride_dos + h * stride_doh
+    l_base = Lse + b64 * stride_lb + h * stride_lh + seq_start
+    d_base = Delta + b64 * stride_lb + h * stride_lh + seq_start
     if HAS_BIAS:
-        bias_base = Bias + b * stride_bb + h * stride_bh
+        bias_base = Bias + b64 * stride_bb + h * stride_bh
     if DROPOUT:
         seed = tl.load(Seed)
 
@@ -350,7 +353,7 @@ def _attention_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     st_mask = n_ok[:, None] & d_ok[None, :]
-    dk_ptr = b * stride_dkb + h * stride_dkh + (seq_start + offs_n[:, None]) * stride_dks + offs_d[None, :]
+    dk_ptr = b64 * stride_dkb + h * stride_dkh + (seq_start + offs_n[:, None]) * stride_dks + offs_d[None, :]
     tl.store(DK + dk_ptr, dk.to(DK.dtype.element_ty), mask=st_mask)
     tl.store(DV + dk_ptr, dv.to(DV.dtype.element_ty), mask=st_mask)
 
@@ -384,6 +387,7 @@ def _attention_bwd_dq_kernel(
     off_bh = pid // num_m
     b = off_bh // H
     h = off_bh % H
+    b64 = b.to(tl.int64)  # batch offsets in int64: b * batch stride can pass 2^31
     seq_start, len_q, len_k = _seq_bounds(CuSeqlens, b, seqlen_q, seqlen_k, PACKED)
     if start_m >= len_q:
         return
@@ -394,20 +398,20 @@ def _attention_bwd_dq_kernel(
     d_ok = offs_d < HEAD_D
     m_ok = offs_m < len_q
     md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (seq_start + offs_m[:, None]) * stride_qs + offs_d[None, :],
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + (seq_start + offs_m[:, None]) * stride_qs + offs_d[None, :],
                 mask=md_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + (seq_start + offs_m[:, None]) * stride_dos + offs_d[None, :],
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + (seq_start + offs_m[:, None]) * stride_dos + offs_d[None, :],
                  mask=md_mask, other=0.0)
-    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=float("inf")) * LOG2E
-    Di = tl.load(Delta + b * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.load(Lse + b64 * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+    Di = tl.load(Delta + b64 * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=0.0)
 
-    k_base = K + b * stride_kb + seq_start * stride_ks + h * stride_kh
-    v_base = V + b * stride_vb + seq_start * stride_vs + h * stride_vh
-    kv_lo, kv_hi = _key_range(Mask, b, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
+    k_base = K + b64 * stride_kb + seq_start * stride_ks + h * stride_kh
+    v_base = V + b64 * stride_vb + seq_start * stride_vs + h * stride_vh
+    kv_lo, kv_hi = _key_range(Mask, b64, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
     if CAUSAL:
         kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
     if HAS_BIAS:
-        bias_base = Bias + b * stride_bb + h * stride_bh
+        bias_base = Bias + b64 * stride_bb + h * stride_bh
     if DROPOUT:
         seed = tl.load(Seed)
 
@@ -425,7 +429,7 @@ def _attention_bwd_dq_kernel(
         p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
         visible = n_ok[None, :]
         if HAS_MASK:
-            key_ok = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            key_ok = tl.load(Mask + b64 * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
             visible = visible & key_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
@@ -437,7 +441,7 @@ def _attention_bwd_dq_kernel(
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
 
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
