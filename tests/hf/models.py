@@ -88,7 +88,7 @@ def assert_model_no_worse(fast, hf32, ref64, ids, mask, *, k=K_MODEL, **kw):
     valid = mask.bool()
     torch.manual_seed(5)
     H = ref64.config.hidden_size if hasattr(ref64.config, "hidden_size") else ref64.config.dim
-    weight = torch.randn(*ids.shape, H, dtype=torch.float64)
+    weight = torch.randn(*ids.shape, H, dtype=torch.float64).to(ids.device)
     o_f, g_f = run(fast, ids, mask, weight, valid, **kw)
     o_h, g_h = run(hf32, ids, mask, weight, valid, **kw)
     o_r, g_r = run(ref64, ids, mask, weight, valid, **kw)

@@ -182,7 +182,7 @@ def test_layer_forced_triton(device):
     with torch.no_grad(), fastbert.use_backend("triton"):
         got = fast(x, mask)
     with torch.no_grad():
-        assert_no_worse("triton layer", got, _hf_layer(hf, x, mask.cpu()).to(device) if device == "cpu" else
-                        hf(x, _additive(mask.cpu(), x.dtype).to(device)),
-                        hf64(x.double(), _additive(mask.cpu(), torch.float64).to(device)), k=3,
-                        valid=mask[..., None])
+        ref32 = hf(x, _additive(mask.cpu(), x.dtype).to(device))
+        ref64 = hf64(x.double(), _additive(mask.cpu(), torch.float64).to(device))
+    assert_no_worse("triton layer", got, ref32, ref64, k=3, valid=mask[..., None])
+    assert fastbert.backends.last_decisions()["attention"].backend == "triton"
