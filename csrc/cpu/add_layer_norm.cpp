@@ -12,6 +12,8 @@
 // rows; grad_weight = sum over rows of g * xhat, grad_bias = sum of g.
 #include "cpu/common.h"
 
+#include <type_traits>
+
 namespace fastbert {
 namespace cpu {
 namespace {
@@ -25,22 +27,40 @@ struct RowInputs {
   Dropout drop;
 };
 
-// h = dropout(x + x_bias) + residual for row r, in fp32; z receives the dropout factors (if on).
+// h = dropout(x + x_bias) + residual for row r, in fp32, in one fused vector sweep; returns sum(h).
+// z receives the dropout factors (if on); rbuf is scratch for a 16-bit residual row.
 template <typename T>
-inline void build_row(const RowInputs& in, int64_t r, const T* x, const T* res, float* h, float* z) {
+inline float build_row(const RowInputs& in, int64_t r, const T* x, const T* res, float* h, float* z, float* rbuf) {
   const int64_t n = in.n;
-  to_f32(x + r * n, h, n);
-  if (in.xb != nullptr) {
-    for (int64_t j = 0; j < n; ++j) h[j] += in.xb[j];
+  const float* xs;
+  const float* rs = nullptr;
+  if constexpr (std::is_same<T, float>::value) {
+    xs = x + r * n;
+    if (res != nullptr) rs = res + r * n;
+  } else {
+    to_f32(x + r * n, h, n);
+    xs = h;
+    if (res != nullptr) {
+      to_f32(res + r * n, rbuf, n);
+      rs = rbuf;
+    }
   }
-  if (in.drop.on) {
-    in.drop.factors(static_cast<uint64_t>(r) * n, n, z);
-    for (int64_t j = 0; j < n; ++j) h[j] *= z[j];
+  if (in.drop.on) in.drop.factors(static_cast<uint64_t>(r) * n, n, z);
+  Vec sum(0.f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const int64_t c = std::min<int64_t>(kVec, n - j);
+    Vec a = Vec::loadu(xs + j, c);
+    if (in.xb != nullptr) a = a + Vec::loadu(in.xb + j, c);
+    if (in.drop.on) a = a * Vec::loadu(z + j, c);
+    if (rs != nullptr) a = a + Vec::loadu(rs + j, c);
+    a.store(h + j, c);
+    sum = sum + a;  // lanes past c are zero (loadu with a count zero-fills)
   }
-  if (res != nullptr) {
-    const T* rr = res + r * n;
-    for (int64_t j = 0; j < n; ++j) h[j] += static_cast<float>(rr[j]);
-  }
+  float lanes[kVec];
+  sum.store(lanes);
+  float total = 0.f;
+  for (int64_t i = 0; i < kVec; ++i) total += lanes[i];
+  return total;
 }
 
 template <typename T>
@@ -49,10 +69,10 @@ void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, con
   const int64_t n = in.n;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> h(n), z(in.drop.on ? n : 0), y(n);
+    constexpr bool kF32 = std::is_same<T, float>::value;
+    std::vector<float> h(n), z(in.drop.on ? n : 0), y(kF32 ? 0 : n), rbuf(kF32 ? 0 : n);
     for (int64_t r = r0; r < r1; ++r) {
-      build_row(in, r, x, res, h.data(), z.data());
-      const float mean = vsum(h.data(), n) / static_cast<float>(n);
+      const float mean = build_row(in, r, x, res, h.data(), z.data(), rbuf.data()) / static_cast<float>(n);
       Vec vm(mean), acc(0.f);
       int64_t j = 0;
       for (; j + kVec <= n; j += kVec) {
@@ -71,17 +91,19 @@ void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, con
       var /= static_cast<float>(n);
       const float rstd = 1.f / std::sqrt(var + static_cast<float>(eps));
       Vec vr(rstd);
-      for (j = 0; j + kVec <= n; j += kVec) {
-        Vec xhat = (Vec::loadu(h.data() + j) - vm) * vr;
-        Vec o = xhat * Vec::loadu(w + j);
-        if (b != nullptr) o = o + Vec::loadu(b + j);
-        o.store(y.data() + j);
+      float* yr;
+      if constexpr (kF32) {
+        yr = out + r * n;  // fp32 output is written directly
+      } else {
+        yr = y.data();
       }
-      for (; j < n; ++j) {
-        const float o = (h[j] - mean) * rstd * w[j];
-        y[j] = b != nullptr ? o + b[j] : o;
+      for (j = 0; j < n; j += kVec) {
+        const int64_t c = std::min<int64_t>(kVec, n - j);
+        Vec o = (Vec::loadu(h.data() + j, c) - vm) * vr * Vec::loadu(w + j, c);
+        if (b != nullptr) o = o + Vec::loadu(b + j, c);
+        o.store(yr + j, c);
       }
-      from_f32(y.data(), out + r * n, n);
+      if constexpr (!kF32) from_f32(y.data(), out + r * n, n);
       mean_out[r] = mean;
       rstd_out[r] = rstd;
     }
@@ -95,7 +117,7 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
   const int64_t n = in.n;
   const int64_t nblk = (rows + block - 1) / block;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> h(n), z(in.drop.on ? n : 0), gf(n), d(n);
+    std::vector<float> h(n), z(in.drop.on ? n : 0), gf(n), d(n), rbuf(n);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* pw = part_w + blk * n;
       float* pb = part_b + blk * n;
@@ -105,7 +127,7 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
       if (pxb != nullptr) std::fill(pxb, pxb + n, 0.f);
       const int64_t rend = std::min(rows, (blk + 1) * block);
       for (int64_t r = blk * block; r < rend; ++r) {
-        build_row(in, r, x, res, h.data(), z.data());
+        build_row(in, r, x, res, h.data(), z.data(), rbuf.data());
         to_f32(g + r * n, gf.data(), n);
         const float mu = mean[r], rs = rstd[r];
         // h <- xhat; d <- wg; accumulate the two row means and the column partials

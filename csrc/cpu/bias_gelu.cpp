@@ -11,6 +11,8 @@
 
 #include <ATen/ops/mm.h>
 
+#include <type_traits>
+
 namespace fastbert {
 namespace cpu {
 namespace {
@@ -20,23 +22,64 @@ constexpr const char* kBgBwd = "bias_gelu_bwd";
 constexpr const char* kLgFwd = "linear_gelu_fwd";
 constexpr const char* kLgBwd = "linear_gelu_bwd";
 
+// Two vectors per step: their exp/division chains are independent, so the core overlaps them.
+constexpr int64_t kStep = 2 * kVec;
+
+template <bool kTanh>
+inline Vec gelu(Vec a) {
+  return kTanh ? gelu_tanh(a) : gelu_erf(a);
+}
+template <bool kTanh>
+inline Vec gelu_grad(Vec a) {
+  return kTanh ? gelu_tanh_grad(a) : gelu_erf_grad(a);
+}
+
 // out = gelu(in + bias) row by row; pre (optional) = in + bias. `out` may alias `in`.
+// fp32 rows are read and written in place; 16-bit rows go through an fp32 scratch row.
 template <typename T, bool kTanh>
 void gelu_rows(const T* in, const float* bias, int64_t rows, int64_t n, T* out, T* pre) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+  constexpr bool kF32 = std::is_same<T, float>::value;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> v(n), y(n);
+    std::vector<float> vbuf(kF32 ? 0 : n), ybuf(kF32 ? 0 : n), pbuf(kF32 || pre == nullptr ? 0 : n);
     for (int64_t r = r0; r < r1; ++r) {
-      to_f32(in + r * n, v.data(), n);
-      for (int64_t j = 0; j < n; j += kVec) {
-        const int64_t c = std::min<int64_t>(kVec, n - j);
-        Vec a = Vec::loadu(v.data() + j, c);
-        if (bias != nullptr) a = a + Vec::loadu(bias + j, c);
-        a.store(v.data() + j, c);
-        (kTanh ? gelu_tanh(a) : gelu_erf(a)).store(y.data() + j, c);
+      const float* v;
+      float *y, *pr;
+      if constexpr (kF32) {
+        v = reinterpret_cast<const float*>(in + r * n);
+        y = reinterpret_cast<float*>(out + r * n);
+        pr = pre != nullptr ? reinterpret_cast<float*>(pre + r * n) : nullptr;
+      } else {
+        to_f32(in + r * n, vbuf.data(), n);
+        v = vbuf.data();
+        y = ybuf.data();
+        pr = pre != nullptr ? pbuf.data() : nullptr;
       }
-      if (pre != nullptr) from_f32(v.data(), pre + r * n, n);
-      from_f32(y.data(), out + r * n, n);
+      int64_t j = 0;
+      for (; j + kStep <= n; j += kStep) {
+        Vec a0 = Vec::loadu(v + j), a1 = Vec::loadu(v + j + kVec);
+        if (bias != nullptr) {
+          a0 = a0 + Vec::loadu(bias + j);
+          a1 = a1 + Vec::loadu(bias + j + kVec);
+        }
+        if (pr != nullptr) {
+          a0.store(pr + j);
+          a1.store(pr + j + kVec);
+        }
+        gelu<kTanh>(a0).store(y + j);
+        gelu<kTanh>(a1).store(y + j + kVec);
+      }
+      for (; j < n; j += kVec) {
+        const int64_t c = std::min<int64_t>(kVec, n - j);
+        Vec a = Vec::loadu(v + j, c);
+        if (bias != nullptr) a = a + Vec::loadu(bias + j, c);
+        if (pr != nullptr) a.store(pr + j, c);
+        gelu<kTanh>(a).store(y + j, c);
+      }
+      if constexpr (!kF32) {
+        if (pre != nullptr) from_f32(pr, pre + r * n, n);
+        from_f32(y, out + r * n, n);
+      }
     }
   });
 }
@@ -46,24 +89,52 @@ template <typename T, bool kTanh>
 void gelu_grad_rows(const T* g, const T* in, const float* bias, int64_t rows, int64_t n, T* grad_in, float* part,
                     int64_t block) {
   const int64_t nblk = (rows + block - 1) / block;
+  constexpr bool kF32 = std::is_same<T, float>::value;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(n), gv(n);
+    std::vector<float> vbuf(kF32 ? 0 : n), gbuf(kF32 ? 0 : n), dbuf(kF32 ? 0 : n);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* p = part != nullptr ? part + blk * n : nullptr;
       if (p != nullptr) std::fill(p, p + n, 0.f);
       const int64_t rend = std::min(rows, (blk + 1) * block);
       for (int64_t r = blk * block; r < rend; ++r) {
-        to_f32(in + r * n, v.data(), n);
-        to_f32(g + r * n, gv.data(), n);
-        for (int64_t j = 0; j < n; j += kVec) {
-          const int64_t c = std::min<int64_t>(kVec, n - j);
-          Vec a = Vec::loadu(v.data() + j, c);
-          if (bias != nullptr) a = a + Vec::loadu(bias + j, c);
-          Vec d = Vec::loadu(gv.data() + j, c) * (kTanh ? gelu_tanh_grad(a) : gelu_erf_grad(a));
-          d.store(gv.data() + j, c);
-          if (p != nullptr) (Vec::loadu(p + j, c) + d).store(p + j, c);
+        const float *v, *gv;
+        float* d;
+        if constexpr (kF32) {
+          v = reinterpret_cast<const float*>(in + r * n);
+          gv = reinterpret_cast<const float*>(g + r * n);
+          d = reinterpret_cast<float*>(grad_in + r * n);
+        } else {
+          to_f32(in + r * n, vbuf.data(), n);
+          to_f32(g + r * n, gbuf.data(), n);
+          v = vbuf.data();
+          gv = gbuf.data();
+          d = dbuf.data();
         }
-        from_f32(gv.data(), grad_in + r * n, n);
+        int64_t j = 0;
+        for (; j + kStep <= n; j += kStep) {
+          Vec a0 = Vec::loadu(v + j), a1 = Vec::loadu(v + j + kVec);
+          if (bias != nullptr) {
+            a0 = a0 + Vec::loadu(bias + j);
+            a1 = a1 + Vec::loadu(bias + j + kVec);
+          }
+          const Vec d0 = Vec::loadu(gv + j) * gelu_grad<kTanh>(a0);
+          const Vec d1 = Vec::loadu(gv + j + kVec) * gelu_grad<kTanh>(a1);
+          d0.store(d + j);
+          d1.store(d + j + kVec);
+          if (p != nullptr) {
+            (Vec::loadu(p + j) + d0).store(p + j);
+            (Vec::loadu(p + j + kVec) + d1).store(p + j + kVec);
+          }
+        }
+        for (; j < n; j += kVec) {
+          const int64_t c = std::min<int64_t>(kVec, n - j);
+          Vec a = Vec::loadu(v + j, c);
+          if (bias != nullptr) a = a + Vec::loadu(bias + j, c);
+          const Vec dv = Vec::loadu(gv + j, c) * gelu_grad<kTanh>(a);
+          dv.store(d + j, c);
+          if (p != nullptr) (Vec::loadu(p + j, c) + dv).store(p + j, c);
+        }
+        if constexpr (!kF32) from_f32(d, grad_in + r * n, n);
       }
     }
   });
