@@ -54,8 +54,9 @@ def test_matches_hf_forced_triton(arch):
     model = M.base_model(arch)
     hf32, ref64, fast = M.triplet(model)
     fastbert.patch(fast, backend="triton")
-    ids, mask = M.inputs(arch, batch=2, seq=5, pad_rows=((1, 2),))
-    M.assert_model_no_worse(fast, hf32, ref64, ids, mask)
+    ids, mask = M.inputs(arch, batch=3, seq=5, pad_rows=((1, 2),), empty_row=2)  # row 2: no real token
+    o, _ = M.assert_model_no_worse(fast, hf32, ref64, ids, mask)
+    assert torch.isfinite(o).all()
     assert fastbert.backends.last_decisions()["attention"].backend == "triton"
 
 
@@ -378,7 +379,7 @@ def test_optimizer_step_matches_hf_and_refreshes_fused_weights():
 
 
 def test_torch_compile_aot_eager():
-    model = M.base_model("bert")
+    model = M.base_model("bert", num_hidden_layers=1)  # one layer: tracing time is the cost here
     fast = fastbert.patch(copy.deepcopy(model))
     ids, mask = M.inputs("bert")
     with torch.no_grad():
