@@ -125,6 +125,57 @@ def _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_thresh
 
 
 @triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
+               lo, hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+               BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
+               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """Online-softmax steps over key blocks [lo, hi). MASK_KEYS=False is the fast path for blocks
+    that end before the sequence does: unmasked loads, no bounds select (padding keys and causal
+    still get their per-element select)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < len_k
+        kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        if MASK_KEYS:
+            kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
+        if HAS_MASK:
+            if MASK_KEYS:  # the mask load gives 0 past the end: it covers n_ok too
+                key_ok = tl.load(mask_row + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            else:
+                key_ok = tl.load(mask_row + offs_n * stride_mn) != 0
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+        elif MASK_KEYS:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            p = p * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V,                    # [B, S, H, D] strided views (unit stride on D), or packed [total, H, D]
     Out,                        # output, contiguous in q's layout
@@ -166,7 +217,6 @@ def _attention_fwd_kernel(
         return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     m_ok = offs_m < len_q
@@ -180,42 +230,26 @@ def _attention_fwd_kernel(
     kv_lo, kv_hi = _key_range(Mask, b64, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
     if CAUSAL:
         kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
+    seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    if HAS_BIAS:
-        bias_base = Bias + b64 * stride_bb + h * stride_bh
+    bias_base = Bias + b64 * stride_bb + h * stride_bh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(kv_lo, kv_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < len_k
-        kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
-        if HAS_BIAS:
-            s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
-        visible = n_ok[None, :]
-        if HAS_MASK:
-            key_ok = tl.load(Mask + b64 * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
-            visible = visible & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            p = p * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        m_i = m_new
+    # every key block but a last partial one lies inside the sequence (kv_hi <= len_k): run those
+    # on the fast path, the tail with bounds masks
+    full_hi = kv_lo + ((kv_hi - kv_lo) // BLOCK_N) * BLOCK_N
+    mask_row = Mask + b64 * stride_mb
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
+                               kv_lo, full_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold,
+                               drop_scale, BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
+                               full_hi, kv_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold,
+                               drop_scale, BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -250,6 +284,55 @@ def _attention_bwd_preprocess_kernel(
     bq = offs_r // rows_per_batch
     i = offs_r % rows_per_batch
     tl.store(Delta + bq * stride_db + h * stride_dh + i, delta, mask=r_ok)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
+                lo, hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                stride_qs, stride_dos, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                BLOCK_M: tl.constexpr, MASK_Q: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """dK/dV contributions of query blocks [lo, hi) to one key block. No per-element select is needed
+    for bounds or padding: a row past the end loads q = dO = 0 and lse = +inf (P = 0), and a padding
+    or out-of-range key only touches its own dK/dV row, which the caller zeroes or never stores.
+    MASK_Q=False (blocks inside the sequence) loads without masks."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < len_q
+        qT_ptrs = q_base + offs_m[None, :] * stride_qs + offs_d[:, None]
+        do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :]
+        if MASK_Q:
+            qT = tl.load(qT_ptrs, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse2 = tl.load(l_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+            Di = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            if EVEN_D:
+                qT = tl.load(qT_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse2 = tl.load(l_base + offs_m) * LOG2E
+            Di = tl.load(d_base + offs_m)
+        sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
+        if HAS_BIAS:
+            sT += tl.trans(_load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k))
+        pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))
+        if CAUSAL:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :], pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+        if DROPOUT:
+            zT = tl.trans(_dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold,
+                                         drop_scale))
+            dv = tl.dot((pT * zT).to(do.dtype), do, dv, input_precision="ieee")
+            dpT = dpT * zT
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
+        dsT = pT * (dpT - Di[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+    return dk, dv
 
 
 @triton.jit
@@ -292,7 +375,6 @@ def _attention_bwd_dkdv_kernel(
         return
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     n_ok = offs_n < len_k
@@ -308,8 +390,8 @@ def _attention_bwd_dkdv_kernel(
     do_base = DO + b64 * stride_dob + seq_start * stride_dos + h * stride_doh
     l_base = Lse + b64 * stride_lb + h * stride_lh + seq_start
     d_base = Delta + b64 * stride_lb + h * stride_lh + seq_start
-    if HAS_BIAS:
-        bias_base = Bias + b64 * stride_bb + h * stride_bh
+    bias_base = Bias + b64 * stride_bb + h * stride_bh
+    seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
 
@@ -319,43 +401,67 @@ def _attention_bwd_dkdv_kernel(
     m_hi = len_q
     if HAS_MASK:  # a block of padding keys only: nothing to accumulate, dK = dV = 0
         m_hi = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, len_q, m_lo)
+    full_hi = m_lo + ((m_hi - m_lo) // BLOCK_M) * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        m_ok = offs_m < len_q
-        qT = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None], mask=m_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        # rows past the end get lse = +inf: their P is exactly 0
-        lse2 = tl.load(l_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
-        sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
-        if HAS_BIAS:
-            sT += tl.trans(_load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k))
-        pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))
-        visible = key_ok[:, None]
-        if CAUSAL:
-            visible = visible & (offs_n[:, None] <= offs_m[None, :])
-        pT = tl.where(visible, pT, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
-        if DROPOUT:
-            zT = tl.trans(_dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold,
-                                         drop_scale))
-            dv = tl.dot((pT * zT).to(do.dtype), do, dv, input_precision="ieee")
-            dpT = dpT * zT
-        else:
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
-        Di = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
-        dsT = pT * (dpT - Di[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
+                         m_lo, full_hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                         stride_qs, stride_dos, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                         BLOCK_M, False, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
+                         full_hi, m_hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                         stride_qs, stride_dos, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                         BLOCK_M, True, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT)
+    if HAS_MASK:  # padding keys have probability 0 everywhere: exactly zero gradients
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
 
     dk = dk * sm_scale
     st_mask = n_ok[:, None] & d_ok[None, :]
     dk_ptr = b64 * stride_dkb + h * stride_dkh + (seq_start + offs_n[:, None]) * stride_dks + offs_d[None, :]
     tl.store(DK + dk_ptr, dk.to(DK.dtype.element_ty), mask=st_mask)
     tl.store(DV + dk_ptr, dv.to(DV.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
+              lo, hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+              stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+              BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+    """dQ contributions of key blocks [lo, hi). A key past the end loads k = v = 0 and so adds
+    nothing; padding keys (real k, v) and causal need their per-element select."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < len_k
+        kT_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]
+        vT_ptrs = v_base + offs_n[None, :] * stride_vs + offs_d[:, None]
+        if MASK_KEYS:
+            kT = tl.load(kT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        elif EVEN_D:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        if HAS_BIAS:
+            s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
+        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+        if HAS_MASK:
+            key_ok = tl.load(mask_row + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            p = tl.where(key_ok[None, :], p, 0.0)
+        if CAUSAL:
+            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        dp = tl.dot(do, vT, input_precision="ieee")
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
+        ds = p * (dp - Di[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
+    return dq
 
 
 @triton.jit
@@ -393,7 +499,6 @@ def _attention_bwd_dq_kernel(
         return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     m_ok = offs_m < len_q
@@ -410,35 +515,22 @@ def _attention_bwd_dq_kernel(
     kv_lo, kv_hi = _key_range(Mask, b64, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
     if CAUSAL:
         kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
-    if HAS_BIAS:
-        bias_base = Bias + b64 * stride_bb + h * stride_bh
+    bias_base = Bias + b64 * stride_bb + h * stride_bh
+    seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
+    mask_row = Mask + b64 * stride_mb
+    full_hi = kv_lo + ((kv_hi - kv_lo) // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(kv_lo, kv_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < len_k
-        kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        vT = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
-        if HAS_BIAS:
-            s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
-        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
-        visible = n_ok[None, :]
-        if HAS_MASK:
-            key_ok = tl.load(Mask + b64 * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
-            visible = visible & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, vT, input_precision="ieee")
-        if DROPOUT:
-            dp = dp * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
-        ds = p * (dp - Di[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
+    dq = _dq_inner(dq, q, do, lse2, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
+                   kv_lo, full_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                   BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
+    dq = _dq_inner(dq, q, do, lse2, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
+                   full_hi, kv_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                   BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
 
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
