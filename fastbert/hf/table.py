@@ -189,6 +189,13 @@ ARCHITECTURES: Tuple[Architecture, ...] = (
         pooler=None, args=("input_ids", "attention_mask", "inputs_embeds", "position_ids"),
         config_reasons=_distilbert_reasons),
     Architecture(
+        name="xlm", model_types=("xlm",),
+        model=(f"{_M}.xlm.modeling_xlm", "XLMModel"),
+        layer=(f"{_M}.xlm.modeling_xlm", "MultiHeadAttention"),
+        layers=None, layout=XLM_LAYOUT, embed=_xlm_embed, output="BaseModelOutput", pooler=None,
+        args=("input_ids", "attention_mask", "langs", "token_type_ids", "position_ids", "lengths", "inputs_embeds"),
+        config_reasons=_xlm_reasons, layer_views=_xlm_layers, derive_mask=_xlm_mask, zero_padding=True),
+    Architecture(
         name="flaubert", model_types=("flaubert",),
         model=(f"{_M}.flaubert.modeling_flaubert", "FlaubertModel"),
         layer=(f"{_M}.flaubert.modeling_flaubert", "MultiHeadAttention"),

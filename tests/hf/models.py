@@ -34,6 +34,9 @@ def config(arch: str, **over):
     elif arch == "flaubert":
         c = T.FlaubertConfig(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=32,
                              gelu_activation=True, pad_index=2)
+    elif arch == "xlm":
+        c = T.XLMConfig(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=32,
+                        gelu_activation=False, pad_index=2, n_langs=2, use_lang_emb=True)
     else:
         raise KeyError(arch)
     for k, v in over.items():
@@ -43,7 +46,7 @@ def config(arch: str, **over):
 
 BASE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
         "camembert": "CamembertModel", "electra": "ElectraModel", "distilbert": "DistilBertModel",
-        "flaubert": "FlaubertModel"}
+        "flaubert": "FlaubertModel", "xlm": "XLMModel"}
 ARCHS = list(BASE)
 
 
@@ -63,7 +66,7 @@ def inputs(arch: str, batch=3, seq=7, pad_rows=((1, 4),), empty_row=None, seed=1
         mask[row, start:] = 0
     if empty_row is not None:
         mask[empty_row] = 0
-    pad_id = {"roberta": 1, "xlm-roberta": 1, "camembert": 1, "flaubert": 2}.get(arch, 0)
+    pad_id = {"roberta": 1, "xlm-roberta": 1, "camembert": 1, "flaubert": 2, "xlm": 2}.get(arch, 0)
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_id))
     return ids, mask
 

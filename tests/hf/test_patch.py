@@ -543,3 +543,15 @@ def test_inputs_embeds(arch):
                 for m in (fast, hf32, ref64)]
     assert_no_worse("inputs_embeds", *outs, k=3, valid=v)
     assert _state(fast).fallback_calls == 0
+
+
+def test_xlm_langs_relu():
+    """XLM (same layout as FlauBERT): language embeddings, ReLU feed-forward."""
+    model = M.base_model("xlm")
+    hf32, ref64, fast = M.triplet(model)
+    fastbert.patch(fast)
+    assert fast.__dict__[_STATE].fast[0]._act_kind == ("relu", None)
+    ids, mask = M.inputs("xlm")
+    langs = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(4))
+    M.assert_model_no_worse(fast, hf32, ref64, ids, mask, langs=langs)
+    assert _state(fast).fallback_calls == 0
