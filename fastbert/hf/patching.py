@@ -194,8 +194,8 @@ def _fallback_reasons(base: nn.Module, state: _PatchState, a: Dict[str, Any], ex
     for name, val in a.items():
         if name in arch.args or val is None:
             continue
-        if name == "use_cache" and not val:
-            continue
+        if name == "use_cache" and (not val or not getattr(cfg, "is_decoder", False)):
+            continue  # HF ignores use_cache in encoder configurations, and so can the fast path
         why.append(f"{name} is given")
     for name, val in extra.items():
         if name not in _KNOWN_KWARGS and val is not None:

@@ -555,3 +555,12 @@ def test_xlm_langs_relu():
     langs = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(4))
     M.assert_model_no_worse(fast, hf32, ref64, ids, mask, langs=langs)
     assert _state(fast).fallback_calls == 0
+
+
+def test_encoder_ignores_use_cache_and_false_flags():
+    model = fastbert.patch(M.base_model("bert"))
+    ids, mask = M.inputs("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        model(ids, attention_mask=mask, use_cache=True, output_attentions=False, output_hidden_states=False)
+    assert _state(model).fallback_calls == 0 and _state(model).fast_calls == 1
