@@ -145,7 +145,7 @@ __device__ __forceinline__ void mm_abT(const T* __restrict__ A, int lda, const T
       const int tm = (t / (N / 16)) * 16, tn = (t % (N / 16)) * 16;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
       wmma::fill_fragment(c, 0.f);
-#pragma unroll
+#pragma unroll 2
       for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // (k, n) at B[n][k]
@@ -178,7 +178,7 @@ __device__ __forceinline__ void mm_ab_acc(const T* __restrict__ A, int lda, cons
       const int tm = (t / (N / 16)) * 16, tn = (t % (N / 16)) * 16;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
       wmma::load_matrix_sync(c, C + tm * ldc + tn, ldc, wmma::mem_row_major);
-#pragma unroll
+#pragma unroll 2
       for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;  // (k, n) at B[k][n]
@@ -211,7 +211,7 @@ __device__ __forceinline__ void mm_aTb_acc(const T* __restrict__ A, int lda, con
       const int tm = (t / (N / 16)) * 16, tn = (t % (N / 16)) * 16;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
       wmma::load_matrix_sync(c, C + tm * ldc + tn, ldc, wmma::mem_row_major);
-#pragma unroll
+#pragma unroll 2
       for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;  // (m, k) at A[k][m]
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;  // (k, n) at B[k][n]
@@ -268,7 +268,7 @@ __device__ __forceinline__ float score(const AttentionParams& p, float dot, int 
   if (p.bias != nullptr) {
     const float bv = load_as_float(p.bias, p.bias_dtype,
                                    b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_i + j * p.bias_stride_j);
-    if (!(bv >= kBiasMasked)) return -INFINITY;  // below -1e20, -inf (NaN bias stays NaN through the add below)
+    if (!(bv >= kBiasMasked)) return -INFINITY;  // below -1e20 or -inf (a NaN bias masks too)
     s += bv;
   }
   return s;

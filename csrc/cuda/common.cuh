@@ -67,13 +67,22 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 // Philox4x32-10, bit-identical to fastbert.reference.philox_uint32 (and tl.randint): key = the
 // 64-bit seed, counter = (offset_lo, offset_hi, 0, 0); returns the first output word.
 // ------------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t philox_uint32(uint64_t seed, uint64_t offset) {
+__host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// __host__ too, so a host-only program can check it against the Python reference without a GPU.
+__host__ __device__ __forceinline__ uint32_t philox_uint32(uint64_t seed, uint64_t offset) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0u, c3 = 0u;
 #pragma unroll
   for (int r = 0; r < 10; ++r) {
-    const uint32_t hi_b = __umulhi(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
-    const uint32_t hi_a = __umulhi(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
+    const uint32_t hi_b = mulhi32(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
+    const uint32_t hi_a = mulhi32(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
     const uint32_t n0 = hi_b ^ c1 ^ k0, n2 = hi_a ^ c3 ^ k1;
     c0 = n0;
     c1 = lo_b;
@@ -87,7 +96,7 @@ __device__ __forceinline__ uint32_t philox_uint32(uint64_t seed, uint64_t offset
 
 // Element `offset` survives dropout iff its 31-bit random value is >= floor(p * 2^31) (the threshold is
 // computed on the host in double, exactly as reference.dropout_threshold does).
-__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t threshold) {
+__host__ __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t threshold) {
   return (philox_uint32(seed, offset) >> 1) >= threshold;
 }
 

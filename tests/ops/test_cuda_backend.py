@@ -488,6 +488,41 @@ def test_bad_device_mix_names_the_argument():
 
 
 # ----------------------------------------------------------------------------------------------
+# the Philox stream of csrc/cuda/common.cuh, compiled for the host by nvcc, vs fastbert.reference
+# ----------------------------------------------------------------------------------------------
+_PHILOX_HOST = textwrap.dedent("""
+    #include <cstdio>
+    #include "cuda/common.cuh"
+    int main() {
+      const unsigned long long seeds[3] = {0ull, 123456789012345ull, 0xFEDCBA9876543210ull};
+      const unsigned long long offs[6] = {0ull, 1ull, 7ull, 4294967295ull, 4294967296ull, 123456789012ull};
+      for (auto s : seeds)
+        for (auto o : offs) printf("%llu %llu %u\\n", s, o, fastbert::cuda::philox_uint32(s, o));
+      return 0;
+    }
+""")
+
+
+def test_philox_matches_reference(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src, exe = tmp_path / "philox.cu", tmp_path / "philox"
+    src.write_text(_PHILOX_HOST)
+    r = subprocess.run([nvcc, "-std=c++17", "-I", os.path.join(root, "csrc"), "-o", str(exe), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.split("\n")
+    rows = [tuple(int(x) for x in ln.split()) for ln in lines if ln.strip()]
+    assert len(rows) == 18
+    for seed, off, got in rows:
+        signed = seed - 2**64 if seed >= 2**63 else seed
+        want = int(reference.philox_uint32(signed, torch.tensor([off]))[0])
+        assert got == want, f"philox(seed={seed}, offset={off}): csrc {got} != reference {want}"
+
+
+# ----------------------------------------------------------------------------------------------
 # compute-sanitizer: memcheck and racecheck over every kernel
 # ----------------------------------------------------------------------------------------------
 _SANITIZER_SCRIPT = textwrap.dedent("""
