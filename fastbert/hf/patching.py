@@ -357,7 +357,9 @@ def explain_model(model: nn.Module) -> List[str]:
             + (f" (because {'; '.join(sorted(state.warned))})" if state.warned else ""))
         for i, f in enumerate(state.fast):
             at = f"{where}.{state.arch.layers}.{i}" if state.arch.layers else f"{where} layer {i} (beside the model)"
-            lines.append(f"  {at}: FastBertLayer({f.extra_repr()})")
+            ran = ", ".join(f"{op} on {d.backend}" + (" (forced)" if d.forced else "")
+                            for op, d in f.last_backends.items())
+            lines.append(f"  {at}: FastBertLayer({f.extra_repr()})" + (f"; last run: {ran}" if ran else ""))
     if not lines:
         lines.append(f"{type(model).__name__}: no supported Hugging Face model inside (nothing patched)")
     return lines

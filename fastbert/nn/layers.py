@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastbert import ops
+from fastbert import backends, ops
 
 # HF activation names -> how fastbert computes them. "none"/"tanh" go to linear_gelu (exact erf GELU
 # and the tanh approximation; never substituted for each other); "relu"/"silu" are F.linear + the
@@ -41,6 +41,9 @@ ACTIVATIONS: Dict[str, Tuple[str, Optional[str]]] = {
     "silu": ("silu", None),
     "swish": ("silu", None),
 }
+
+
+_LAYER_OPS = ("attention", "add_layer_norm", "linear_gelu")
 
 
 def _get(module: nn.Module, path: Optional[str]):
@@ -277,6 +280,7 @@ class FastBertLayer(nn.Module):
     """
 
     gradient_checkpointing = False
+    last_backends: Dict[str, Any] = {}  # op -> backends.Decision of this layer's last forward
 
     def __init__(self, hf_layer: nn.Module, layout: Optional[Layout] = None, config=None):
         super().__init__()
@@ -362,8 +366,14 @@ class FastBertLayer(nn.Module):
         if self.gradient_checkpointing and self.attn.module.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(self._forward, hidden_states, attention_mask, cu_seqlens, max_seqlen, use_reentrant=False)
-        return self._forward(hidden_states, attention_mask, cu_seqlens, max_seqlen)
+            out = checkpoint(self._forward, hidden_states, attention_mask, cu_seqlens, max_seqlen, use_reentrant=False)
+        else:
+            out = self._forward(hidden_states, attention_mask, cu_seqlens, max_seqlen)
+        if not torch.compiler.is_compiling():
+            # which backend each op of this layer ran on (for fastbert.explain(model))
+            decisions = backends.last_decisions()
+            self.last_backends = {op: decisions[op] for op in _LAYER_OPS if op in decisions}
+        return out
 
 
 class _AttentionView:

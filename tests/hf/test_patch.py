@@ -317,6 +317,11 @@ def test_explain_model():
     model = fastbert.patch(transformers.BertForMaskedLM(M.config("bert")).eval())
     text = fastbert.explain(model)
     assert "bert: BertModel patched as bert" in text and "FastBertLayer" in text
+    ids, mask = M.inputs("bert")
+    model(ids, attention_mask=mask)
+    text = fastbert.explain(model)
+    assert "1 fused call(s)" in text and "last run: attention on " in text and "linear_gelu on " in text
+    assert "NOT patched" in fastbert.explain(fastbert.unpatch(model))
 
 
 # ----------------------------------------------------------------------------------------------
