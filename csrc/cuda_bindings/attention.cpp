@@ -107,8 +107,10 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
       p.kpm_stride_j = m.stride(1);
     }
     if (has(attn_bias)) {
-      const at::Tensor& b = *attn_bias;
+      at::Tensor b = *attn_bias;
       check_cuda(op, "attn_bias", b, q);
+      // a float64 bias is read as fp32 (the scores are fp32): converted at its own, unbroadcast size
+      if (b.scalar_type() == at::kDouble) b = b.to(at::kFloat);
       p.bias_dtype = kernel_dtype(op, "attn_bias", b);
       FB_CUDA_CHECK(b.dim() <= 4, op, "attn_bias must broadcast to [B, H, Sq, Sk], got shape ", b.sizes());
       const int64_t want[4] = {sh.B, sh.H, sh.Sq, sh.Sk};
