@@ -569,3 +569,26 @@ def test_encoder_ignores_use_cache_and_false_flags():
         warnings.simplefilter("error")  # no fallback warning
         model(ids, attention_mask=mask, use_cache=True, output_attentions=False, output_hidden_states=False)
     assert _state(model).fallback_calls == 0 and _state(model).fast_calls == 1
+
+
+def test_attn_implementation_fastbert_decoder_with_cache():
+    """The attention function alone also serves BERT's causal decoder configuration and a KV cache."""
+    import fastbert.hf  # noqa: F401
+
+    torch.manual_seed(0)
+    model = transformers.BertLMHeadModel(M.config("bert", is_decoder=True)).eval()
+    mine = copy.deepcopy(model)
+    mine.set_attn_implementation("fastbert")
+    ids, mask = M.inputs("bert", pad_rows=((1, 5),))
+    v = mask.bool()[..., None]
+    with torch.no_grad():
+        a = mine(ids, attention_mask=mask, use_cache=False).logits
+        b = model(ids, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(a[v.expand_as(a)], b[v.expand_as(b)], rtol=1e-5, atol=1e-5)
+        # no mask: the causal flag path; then one cached decoding step (query 1 vs keys 8)
+        full = torch.cat([ids, ids[:, :1]], 1)
+        c = mine(ids, use_cache=True)
+        step = mine(full[:, -1:], past_key_values=c.past_key_values, use_cache=True).logits
+        ref = model(full, use_cache=False).logits[:, -1:]
+        torch.testing.assert_close(c.logits, model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step, ref, rtol=1e-5, atol=1e-5)
