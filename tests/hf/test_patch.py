@@ -16,7 +16,6 @@ from fastbert.hf import UnsupportedModelError, is_patched
 from fastbert.hf.patching import _STATE
 from fastbert.testing import assert_no_worse
 from tests.hf import models as M
-from tests.hf.scaffold import require_real_ops
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +49,6 @@ def test_matches_hf_padded_mode(arch):
 
 @pytest.mark.parametrize("arch", ["bert", "electra"])
 def test_matches_hf_forced_triton(arch):
-    require_real_ops()
     model = M.base_model(arch)
     hf32, ref64, fast = M.triplet(model)
     fastbert.patch(fast, backend="triton")
@@ -65,7 +63,6 @@ def test_matches_hf_forced_triton(arch):
 @pytest.mark.parametrize("backend", [None, "triton", "cuda"])
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_matches_hf_gpu(arch, backend, dtype):
-    require_real_ops()
     model = M.base_model(arch).cuda()
     ref64 = copy.deepcopy(model).double()
     hf = copy.deepcopy(model).to(dtype)
