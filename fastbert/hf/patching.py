@@ -20,6 +20,9 @@ Padding positions of the outputs (documented behaviour):
   - padding_free=False: the layers run padded with a key mask, so padding positions hold what HF
     computes there (a padding query still attends to the real keys);
   - a sequence with no real token gives finite values (0 from attention), never NaN.
+A head that reads a padding position sees 0 there in padding-free mode: BERT's pooler reads position
+0, which is a real token with right padding (what BERT tokenizers do); for LEFT-padded batches use
+padding_free=False, which reproduces HF at every position.
 
 A call the kernels cannot serve (output_attentions=True, cross-attention / KV cache / decoder configs,
 a 4D attention mask, an argument the fast path does not know) runs HF's original forward with the HF
