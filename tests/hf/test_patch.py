@@ -15,6 +15,7 @@ import fastbert
 from fastbert.hf import UnsupportedModelError, is_patched
 from fastbert.hf.patching import _STATE
 from fastbert.testing import assert_no_worse
+from tests.helpers import require_backend
 from tests.hf import models as M
 
 transformers = pytest.importorskip("transformers")
@@ -63,6 +64,8 @@ def test_matches_hf_forced_triton(arch):
 @pytest.mark.parametrize("backend", [None, "triton", "cuda"])
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_matches_hf_gpu(arch, backend, dtype):
+    if backend is not None:
+        require_backend(backend, "cuda")
     model = M.base_model(arch).cuda()
     ref64 = copy.deepcopy(model).double()
     hf = copy.deepcopy(model).to(dtype)
