@@ -592,3 +592,24 @@ def test_attn_implementation_fastbert_decoder_with_cache():
         ref = model(full, use_cache=False).logits[:, -1:]
         torch.testing.assert_close(c.logits, model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(step, ref, rtol=1e-5, atol=1e-5)
+
+
+OTHER_HEADS = [("roberta", "RobertaForMaskedLM"), ("xlm-roberta", "XLMRobertaForTokenClassification"),
+               ("camembert", "CamembertForSequenceClassification"), ("electra", "ElectraForPreTraining"),
+               ("distilbert", "DistilBertForQuestionAnswering"), ("flaubert", "FlaubertWithLMHeadModel")]
+
+
+@pytest.mark.parametrize("arch,head", OTHER_HEADS)
+def test_other_heads(arch, head):
+    torch.manual_seed(0)
+    model = getattr(transformers, head)(M.config(arch)).eval()
+    hf32, ref64, fast = M.triplet(model)
+    fastbert.patch(fast)
+    ids, mask = M.inputs(arch, pad_rows=((1, 4),))
+    with torch.no_grad():
+        outs = [m(input_ids=ids, attention_mask=mask)[0] for m in (fast, hf32, ref64)]
+    assert _state(fast).fast_calls == 1 and _state(fast).fallback_calls == 0
+    v = None
+    if outs[0].shape[:2] == ids.shape:  # per-token outputs: valid tokens only
+        v = mask.bool() if outs[0].dim() == 2 else mask.bool()[..., None]
+    assert_no_worse(head, *outs, k=3, valid=v)
