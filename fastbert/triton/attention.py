@@ -14,10 +14,9 @@ Math (one (batch, head) pair; rows i are queries, columns j keys; c = scale):
 Forward (online softmax). Keys are visited in blocks; per query row we carry the running max m, the
 running sum l = sum_j exp(s_ij - m) and the unnormalised output acc = sum_j Z_ij exp(s_ij - m) v_j.
 When a block raises the max from m to m', both l and acc are rescaled by exp(m - m'). At the end
-o = acc / l and lse = m + log l. Everything is done in base 2: s is kept as s * log2(e) (the factor is
-folded into the q.k scale, so the exponential is one exp2), and lse is stored in natural log.
+o = acc / l and lse = m + log l (natural log). The exponentials are exp2((s - m) * log2 e).
 A row with no visible key keeps m = -inf, l = 0: it writes o = 0 and lse = +inf. To avoid
-exp2(-inf - -inf) = NaN, the max used for the exponentials is replaced by 0 while it is -inf.
+exp(-inf - -inf) = NaN, the max used for the exponentials is replaced by 0 while it is -inf.
 
 Backward. With dP~_ij = dO_i . v_j (gradient w.r.t. the dropped probability Z_ij P_ij):
   dV_j  = sum_i Z_ij P_ij dO_i
@@ -26,9 +25,18 @@ Backward. With dP~_ij = dO_i . v_j (gradient w.r.t. the dropped probability Z_ij
         = P_ij (dP_ij - D_i),   D_i = sum_k P_ik Z_ik dO_i . v_k = dO_i . o_i
   dQ_i  = c * sum_j dS_ij k_j,   dK_j = c * sum_i dS_ij q_i      (d bias_ij = dS_ij: not produced)
 D is one row-wise dot product (preprocess kernel). P is recomputed from the saved lse:
-P_ij = exp2(s_ij * log2 e - lse_i * log2 e); lse_i = +inf makes the row's P (and so dS, dQ) exactly 0.
+P_ij = exp2((s_ij - lse_i) * log2 e); lse_i = +inf makes the row's P (and so dS, dQ) exactly 0.
 dK/dV are accumulated per key block over all query blocks, dQ per query block over all key blocks, in
 two kernels: no atomics, so gradients are deterministic.
+
+Precision (fp32 is held to "no worse than 2x PyTorch's own error"): the recomputed P is only as
+good as its agreement with the lse of the forward pass. Every kernel therefore computes the scores
+with the same expression, s = dot(q_tile, kT_tile) * scale (+ bias), in the same orientation (the
+dK/dV kernel transposes P and dS rather than computing k q^T), so the forward and backward scores
+agree bit for bit where the dot's accumulation order does not depend on the tile shape (fp32 FMA
+dots on the GPU; equal tile shapes in the interpreter), and P_bwd = P_fwd up to the rounding of lse.
+Measured in the interpreter (fp32, D = 128, scale 0.45): scores from k q^T in the dK/dV kernel
+gave up to 3.4x PyTorch's error on dV; the shared expression gives at most 1.2x.
 
 Dropout: the keep decision for score (b, h, i, j) is Philox(seed, offset) with offset
 ((b * H + h) * Sq + i) * Sk + j (Sq = Sk = max_seqlen when packed, i/j local to the sequence), kept
@@ -43,9 +51,9 @@ Padding and what it holds:
     lse = +inf and zero gradients.
   - an attn_bias value below -1e20 (HF's fp32/bf16 finfo.min additive masks, -inf) masks its key
     exactly like a padding key: probability 0, and a row left with no key gives 0 (HF would give a
-    uniform average, an artefact of finfo.min absorbing the scores). Without this, such a score
-    (~-1e38 * log2 e) overflows to -inf or absorbs q.k and log(l), and the backward pass could not
-    recompute P from lse. Larger biases (fp16's -65504, the old -10000) are added as they are.
+    uniform average, an artefact of finfo.min absorbing the scores). Without this such a score
+    absorbs q.k and log(l), and the backward pass could not recompute P from lse. Larger biases
+    (fp16's -65504, the old -10000) are added as they are.
   - the backward clamps the recomputed exponent s - lse at 0 (P <= 1 exactly), so rounding in a
     saved lse can never produce an overflowing P.
 """
@@ -108,11 +116,11 @@ def _key_range(Mask, b, stride_mb, stride_mn, len_k, BLOCK_N: tl.constexpr, HAS_
 
 @triton.jit
 def _load_bias(Bias, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k):
-    """Bias tile [BLOCK_M, BLOCK_N] in fp32, base-2 units; -inf where it masks (see module doc)."""
+    """Bias tile [BLOCK_M, BLOCK_N] in fp32; -inf where it masks (see module doc)."""
     bmask = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
     bias = tl.load(Bias + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=bmask, other=0.0)
     bias = bias.to(tl.float32)
-    return tl.where(bias < BIAS_MASKED, float("-inf"), tl.maximum(bias, BIAS_MASKED) * LOG2E)
+    return tl.where(bias < BIAS_MASKED, float("-inf"), bias)
 
 
 @triton.jit
@@ -127,7 +135,7 @@ def _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_thresh
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
                lo, hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
                BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). MASK_KEYS=False is the fast path for blocks
@@ -148,7 +156,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        s = tl.dot(q, kT, input_precision="ieee") * sm_scale
         if HAS_BIAS:
             s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
         if HAS_MASK:
@@ -164,8 +172,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2((s - m_use[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -193,7 +201,7 @@ def _attention_fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,  # bias strides
     H,                          # number of heads
     seqlen_q, seqlen_k,         # padded: Sq, Sk; packed: max_seqlen for both (grid, dropout offsets)
-    qk_scale,                   # scale * log2(e): scores in base 2
+    sm_scale,                   # softmax scale (1/sqrt(D) by default)
     drop_threshold,             # floor(p * 2^31): 31-bit randoms below it are dropped
     drop_scale,                 # 1 / (1 - p)
     seq_bucket,                 # max(Sq, Sk) rounded up to a power of two: autotune key only
@@ -244,17 +252,17 @@ def _attention_fwd_kernel(
     mask_row = Mask + b64 * stride_mb
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
                                kv_lo, full_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold,
+                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold,
                                drop_scale, BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
                                full_hi, kv_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold,
+                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold,
                                drop_scale, BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # acc is 0 on empty rows: they write 0
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe) * LN2)
     o_base = Out + b64 * stride_ob + seq_start * stride_os + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
@@ -287,51 +295,52 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
+def _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
                 lo, hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                stride_qs, stride_dos, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
                 BLOCK_M: tl.constexpr, MASK_Q: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """dK/dV contributions of query blocks [lo, hi) to one key block. No per-element select is needed
     for bounds or padding: a row past the end loads q = dO = 0 and lse = +inf (P = 0), and a padding
     or out-of-range key only touches its own dK/dV row, which the caller zeroes or never stores.
-    MASK_Q=False (blocks inside the sequence) loads without masks."""
+    MASK_Q=False (blocks inside the sequence) loads without masks. Scores are computed as q kT, the
+    very expression of the forward pass (see "Precision" in the module doc); P and dS are transposed
+    for the dK/dV dots."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < len_q
-        qT_ptrs = q_base + offs_m[None, :] * stride_qs + offs_d[:, None]
+        q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dos + offs_d[None, :]
         if MASK_Q:
-            qT = tl.load(qT_ptrs, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            lse2 = tl.load(l_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+            lse = tl.load(l_base + offs_m, mask=m_ok, other=float("inf"))
             Di = tl.load(d_base + offs_m, mask=m_ok, other=0.0)
         else:
             if EVEN_D:
-                qT = tl.load(qT_ptrs)
+                q = tl.load(q_ptrs)
                 do = tl.load(do_ptrs)
             else:
-                qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+                q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
                 do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
-            lse2 = tl.load(l_base + offs_m) * LOG2E
+            lse = tl.load(l_base + offs_m)
             Di = tl.load(d_base + offs_m)
-        sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
+        s = tl.dot(q, kT, input_precision="ieee") * sm_scale
         if HAS_BIAS:
-            sT += tl.trans(_load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k))
-        pT = tl.math.exp2(tl.minimum(sT - lse2[None, :], 0.0))
+            s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
+        p = tl.math.exp2(tl.minimum((s - lse[:, None]) * LOG2E, 0.0))
         if CAUSAL:
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :], pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        dp = tl.dot(do, vT, input_precision="ieee")
         if DROPOUT:
-            zT = tl.trans(_dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold,
-                                         drop_scale))
-            dv = tl.dot((pT * zT).to(do.dtype), do, dv, input_precision="ieee")
-            dpT = dpT * zT
+            z = _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
+            dv = tl.dot(tl.trans((p * z).to(do.dtype)), do, dv, input_precision="ieee")
+            dp = dp * z
         else:
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
-        dsT = pT * (dpT - Di[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision="ieee")
+        ds = p * (dp - Di[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision="ieee")
     return dk, dv
 
 
@@ -351,8 +360,7 @@ def _attention_bwd_dkdv_kernel(
     stride_mb, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     H, seqlen_q, seqlen_k,
-    qk_scale,                   # scale * log2(e)
-    sm_scale,                   # scale (dK = scale * dS^T q)
+    sm_scale,                   # softmax scale (dK = scale * dS^T q)
     drop_threshold, drop_scale,
     seq_bucket,                 # autotune key only (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -378,10 +386,10 @@ def _attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     n_ok = offs_n < len_k
-    k = tl.load(K + b64 * stride_kb + h * stride_kh + (seq_start + offs_n[:, None]) * stride_ks + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b64 * stride_vb + h * stride_vh + (seq_start + offs_n[:, None]) * stride_vs + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    kT = tl.load(K + b64 * stride_kb + h * stride_kh + (seq_start + offs_n[None, :]) * stride_ks + offs_d[:, None],
+                 mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+    vT = tl.load(V + b64 * stride_vb + h * stride_vh + (seq_start + offs_n[None, :]) * stride_vs + offs_d[:, None],
+                 mask=n_ok[None, :] & d_ok[:, None], other=0.0)
     key_ok = n_ok
     if HAS_MASK:
         key_ok = key_ok & (tl.load(Mask + b64 * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0)
@@ -405,13 +413,13 @@ def _attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
+    dk, dv = _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
                          m_lo, full_hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                         stride_qs, stride_dos, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                         stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
                          BLOCK_M, False, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
+    dk, dv = _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
                          full_hi, m_hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                         stride_qs, stride_dos, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                         stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
                          BLOCK_M, True, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT)
     if HAS_MASK:  # padding keys have probability 0 everywhere: exactly zero gradients
         dk = tl.where(key_ok[:, None], dk, 0.0)
@@ -425,9 +433,9 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
+def _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
               lo, hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-              stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+              stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
               BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
     """dQ contributions of key blocks [lo, hi). A key past the end loads k = v = 0 and so adds
@@ -447,10 +455,10 @@ def _dq_inner(dq, q, do, lse2, Di, k_base, v_base, mask_row, bias_base, seed, of
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        s = tl.dot(q, kT, input_precision="ieee") * sm_scale
         if HAS_BIAS:
             s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
-        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+        p = tl.math.exp2(tl.minimum((s - lse[:, None]) * LOG2E, 0.0))
         if HAS_MASK:
             key_ok = tl.load(mask_row + offs_n * stride_mn, mask=n_ok, other=0) != 0
             p = tl.where(key_ok[None, :], p, 0.0)
@@ -478,7 +486,7 @@ def _attention_bwd_dq_kernel(
     stride_mb, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     H, seqlen_q, seqlen_k,
-    qk_scale, sm_scale,
+    sm_scale,
     drop_threshold, drop_scale,
     seq_bucket,                 # autotune key only (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -507,7 +515,7 @@ def _attention_bwd_dq_kernel(
                 mask=md_mask, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h * stride_doh + (seq_start + offs_m[:, None]) * stride_dos + offs_d[None, :],
                  mask=md_mask, other=0.0)
-    lse2 = tl.load(Lse + b64 * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+    lse = tl.load(Lse + b64 * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=float("inf"))
     Di = tl.load(Delta + b64 * stride_lb + h * stride_lh + seq_start + offs_m, mask=m_ok, other=0.0)
 
     k_base = K + b64 * stride_kb + seq_start * stride_ks + h * stride_kh
@@ -523,13 +531,13 @@ def _attention_bwd_dq_kernel(
     full_hi = kv_lo + ((kv_hi - kv_lo) // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
+    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
                    kv_lo, full_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
                    BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
-    dq = _dq_inner(dq, q, do, lse2, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
+    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
                    full_hi, kv_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, qk_scale, drop_threshold, drop_scale,
+                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
                    BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
 
     dq = dq * sm_scale
@@ -626,7 +634,6 @@ def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, caus
         bstr=tuple(bias.stride()) if bias is not None else (0, 0, 0, 0),
         cu=cu_seqlens if packed else q,
         seed=seed if dropout else q,
-        qk_scale=float(scale) * _LOG2E,
         sm_scale=float(scale),
         drop_threshold=int(math.floor(dropout_p * 2147483648.0)) if dropout else 0,
         drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
@@ -662,7 +669,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
         q, k, v, out, lse, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
         slb, slh, *a["mstr"], *a["bstr"],
-        a["H"], a["Sq"], a["Sk"], a["qk_scale"], a["drop_threshold"], a["drop_scale"], a["seq_bucket"],
+        a["H"], a["Sq"], a["Sk"], a["sm_scale"], a["drop_threshold"], a["drop_scale"], a["seq_bucket"],
         **a["flags"],
     )
     return out, lse
@@ -692,7 +699,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         out, grad_out, delta, rows, a["total"] if packed else a["Sq"], slb, slh, H,
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
     )
-    common = (*a["mstr"], *a["bstr"], H, a["Sq"], a["Sk"], a["qk_scale"], a["sm_scale"],
+    common = (*a["mstr"], *a["bstr"], H, a["Sq"], a["Sk"], a["sm_scale"],
               a["drop_threshold"], a["drop_scale"], a["seq_bucket"])
     grid_kv = lambda META: (triton.cdiv(a["Sk"], META["BLOCK_N"]) * a["B"] * H,)  # noqa: E731
     _dkdv[grid_kv](

@@ -153,6 +153,33 @@ def test_forward_backward(backend, device, mode, dtype, D, S):
     _check(backend, q, k, v, kw)
 
 
+def _random_cases(n, seed):
+    """Shapes nobody picked: drawn once from a fixed seed (reproducible in CI)."""
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        mode = rng.choice(MODES + ["causal_padding"])
+        cases.append(dict(mode=mode, B=rng.randint(1, 3), H=rng.randint(1, 3), S=rng.randint(1, 90),
+                          D=rng.choice([16, 24, 32, 40, 48, 64, 72, 80, 96, 112, 128]),
+                          dtype=rng.choice([torch.float32, torch.float16]),
+                          scale=rng.choice([None, rng.uniform(0.05, 0.5)]),
+                          seed=rng.randrange(2**31)))
+    return cases
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("case", _random_cases(4, 2026), ids=lambda c: "{mode}-b{B}h{H}s{S}d{D}".format(**c))
+def test_random_shapes(backend, device, case):
+    _require(backend, device)
+    torch.manual_seed(case["seed"])
+    q, k, v, kw = _build(case["mode"], case["B"], case["H"], case["S"], case["D"], case["dtype"], device)
+    if case["scale"] is not None:
+        kw["scale"] = case["scale"]
+    _check(backend, q, k, v, kw)
+
+
 @pytest.mark.parametrize("backend,device", _backend_device())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cross_attention_lengths(backend, device, dtype):
