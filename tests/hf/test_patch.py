@@ -48,7 +48,7 @@ def test_matches_hf_padded_mode(arch):
     M.assert_model_no_worse(fast, hf32, ref64, ids, mask)
 
 
-@pytest.mark.parametrize("arch", ["bert", "electra"])
+@pytest.mark.parametrize("arch", ["bert", "electra", "distilbert", "flaubert"])
 def test_matches_hf_forced_triton(arch):
     model = M.base_model(arch)
     hf32, ref64, fast = M.triplet(model)
