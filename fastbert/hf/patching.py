@@ -5,6 +5,8 @@ fastbert/hf/table.py; a head model or a sentence-transformers wrapper holds one)
   - each encoder layer in its nn.ModuleList is replaced by a fastbert.nn.FastBertLayer that registers
     the HF layer's own children: state_dict keys, Parameter objects and storages stay the same, so an
     existing optimizer, save_pretrained and load_state_dict keep working;
+  - XLM / FlauBERT have no layer modules (four parallel ModuleLists): their twins live beside the
+    model, in the patch state, and the module tree is left exactly as it was;
   - the base model's `forward` is overridden on the instance by the fast path below (the class is
     untouched); unpatch deletes the override and puts the HF layers back.
 
@@ -18,11 +20,16 @@ Padding positions of the outputs (documented behaviour):
   - padding_free=True: last_hidden_state and hidden_states[1:] hold 0 at padding positions;
     hidden_states[0] is the embedding output, exactly as HF returns it (padding included);
   - padding_free=False: the layers run padded with a key mask, so padding positions hold what HF
-    computes there (a padding query still attends to the real keys);
+    computes there (a padding query still attends to the real keys); XLM / FlauBERT define them as 0
+    after every layer, in both modes, as HF does;
   - a sequence with no real token gives finite values (0 from attention), never NaN.
 A head that reads a padding position sees 0 there in padding-free mode: BERT's pooler reads position
 0, which is a real token with right padding (what BERT tokenizers do); for LEFT-padded batches use
 padding_free=False, which reproduces HF at every position.
+
+Limits: a fallback call swaps the HF layers back into the module tree for its duration, so do not
+run one patched model from several threads at once; a model split across devices by accelerate's
+device_map is not supported (its per-layer device hooks sit on the HF layers the twins replace).
 
 A call the kernels cannot serve (output_attentions=True, cross-attention / KV cache / decoder configs,
 a 4D attention mask, an argument the fast path does not know) runs HF's original forward with the HF
