@@ -166,6 +166,38 @@ def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path, monkeypatch):
               "--ops", "bias_gelu", "--out", str(out)])
 
 
+@pytest.mark.gpu
+def test_quick_run_on_gpu(tmp_path):
+    """The CUDA paths: limits per dtype, CUDA-event timing, peak memory, training steps, the CUDA
+    graph variant, Triton and SDPA op providers (not runnable on a CPU-only machine)."""
+    rc = main(["--quick", "--device", "cuda", "--models", "bert-tiny", "--batch", "2", "--seq", "64",
+               "--dtypes", "bfloat16", "--modes", "infer,train",
+               "--providers", "hf-sdpa,hf-sdpa-compile,fastbert,fastbert-triton,fastbert-triton-padded,"
+               "fastbert-triton-cudagraph",
+               "--ops", "attention,add_layer_norm", "--op-model", "bert-tiny", "--op-batch", "2",
+               "--op-seq", "64", "--op-modes", "fwd,bwd", "--out", str(tmp_path)])
+    assert rc == 0
+    with open(tmp_path / "results.json") as f:
+        data = json.load(f)
+    env = data["env"]
+    assert env["device_kind"] == "cuda"
+    assert set(env["peak_tflops"]) == {"bfloat16", "float16", "float32"}
+    rows = {(r["kind"], r["name"], r["provider"], r["mode"], r["varlen"]): r for r in data["rows"]}
+    for prov in ("hf-sdpa", "fastbert", "fastbert-triton", "fastbert-triton-padded"):
+        for mode in ("infer", "train"):
+            for varlen in (False, True):
+                r = rows[("model", "bert-tiny", prov, mode, varlen)]
+                assert r["status"] == "ok", r
+                assert r["peak_mem_mb"] > 0 and r["tflops"] > 0 and r["max_abs_err"] < 0.5
+    assert rows[("model", "bert-tiny", "fastbert-triton-cudagraph", "infer", False)]["status"] == "ok"
+    train_graph = rows[("model", "bert-tiny", "fastbert-triton-cudagraph", "train", False)]
+    assert train_graph["status"] == "skipped" and "inference only" in train_graph["reason"]
+    for prov in ("fastbert-triton", "fastbert-triton-packed", "torch-sdpa-math"):
+        for mode in ("fwd", "bwd"):
+            assert rows[("op", "attention", prov, mode, True)]["status"] == "ok"
+    assert rows[("op", "attention", "torch-sdpa-flash", "fwd", True)]["status"] == "skipped"  # no masks
+
+
 # ----------------------------------------------------------------------------------------------
 # pure helpers
 # ----------------------------------------------------------------------------------------------
