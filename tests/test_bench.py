@@ -243,5 +243,9 @@ def test_bad_arguments_are_rejected(tmp_path):
         main(["--batch", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--dtypes"):
         main(["--device", "cpu", "--dtypes", "float8", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--providers"):
+        main(["--device", "cpu", "--providers", "hf-sdpa,fastbert-tpu", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--ops"):
+        main(["--device", "cpu", "--ops", "softmax", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--modes"):
         main(["--device", "cpu", "--modes", "serve", "--out", str(tmp_path)])

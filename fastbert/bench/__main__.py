@@ -11,7 +11,7 @@ DIR/results.md and PNG plots. Defaults depend on the device:
        ops at BERT-base shapes, B in {1, 8}, S = 128, fwd and bwd.
   --quick  GPU: bert-base and minilm-l6, B = 8, S in {128, 512}, bfloat16, infer + train, no compile.
            CPU: minilm-l6 and bert-base, B = 1, S = 128, infer, float32, no torch.compile; ops fwd.
-Every option below overrides the default it names.
+Every option overrides the default it names.
 """
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: bert-base, bert-large, minilm-l6 (or a local checkpoint dir)")
     p.add_argument("--model", action="append", default=[], metavar="PATH",
                    help="a local checkpoint directory, added to the models (repeatable)")
-    p.add_argument("--providers", type=_csv, default=None, help="model-level providers (default: all)")
+    p.add_argument("--providers", type=_csv, default=None,
+                   help="model-level providers (default: all): hf-eager, hf-sdpa, hf-sdpa-compile, fastbert, "
+                        "fastbert-padded, fastbert-<triton|cuda|cpu>[-padded], fastbert-<triton|cuda>-cudagraph")
     p.add_argument("--batch", type=_ints, default=None, help="batch sizes, e.g. 1,8")
     p.add_argument("--seq", type=_ints, default=None, help="sequence lengths, e.g. 128,512")
     p.add_argument("--no-varlen", action="store_true", help="skip the variable-length workload")
@@ -110,6 +112,16 @@ def _defaults(args, dev: str) -> None:
         args.op_seq = args.seq
     if args.op_modes is None:
         args.op_modes = ["fwd"] if (q and not gpu) else ["fwd", "bwd"]
+    from fastbert.bench import opbench, providers
+
+    for name in args.providers or []:
+        try:
+            providers.parse(name)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    for op in args.ops:
+        if op not in opbench.OPS:
+            raise SystemExit(f"--ops: unknown op {op!r}; choose from {', '.join(opbench.OPS)} or none")
     for m in args.modes:
         if m not in ("infer", "train"):
             raise SystemExit(f"--modes: unknown mode {m!r} (infer, train)")
