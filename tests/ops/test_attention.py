@@ -148,7 +148,7 @@ def _grid():
 def test_forward_backward(backend, device, mode, dtype, D, S):
     _require(backend, device)
     B = 3 if mode in ("padding", "varlen") else 2
-    H = 2 if device == "cpu" else 3
+    H = 3 if device == "cuda" else (1 if S >= 200 else 2)  # the interpreter is slow: keep CPU cases small
     q, k, v, kw = _build(mode, B, H, S, D, dtype, device)
     _check(backend, q, k, v, kw)
 
@@ -238,12 +238,12 @@ def test_bias_broadcast(backend, device, bias_shape):
 def test_strided_views_of_fused_qkv(backend, device, dtype):
     # one fused projection output [B, S, 3 * H * D] viewed as q, k, v [B, S, H, D] without copies
     _require(backend, device)
-    B, S, H, D = 3, 33, 2, 32
+    B, S, H, D = 2, 21, 2, 32
     qkv = _rand((B, S, 3 * H * D), dtype, device)
     q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
     assert not q.is_contiguous()
     mask = torch.ones(B, S, dtype=torch.bool, device=device)
-    mask[1, 20:] = False
+    mask[1, 13:] = False
     got = _check(backend, q, k, v, {"attention_mask": mask})
     assert got[0].is_contiguous() and got[0].shape == (B, S, H, D)
 
