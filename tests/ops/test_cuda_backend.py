@@ -28,14 +28,14 @@ from fastbert import backends, reference
 from fastbert.testing import ATOL, assert_no_worse
 
 DEVICE = "cuda"
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OPS = ("attention_fwd", "attention_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd", "bias_gelu_fwd",
        "bias_gelu_bwd", "linear_gelu_fwd", "linear_gelu_bwd")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _need_cuda_kernels():
     if DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -69,6 +69,8 @@ F = torch.ops.fastbert
     (4, 384, True, 1),      # misaligned view (storage offset 1): scalar path
     (1, 1, True, 0),
 ])
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_bias_gelu(dtype, approximate, rows, n, bias, offset):
     x = _rand((rows * n + offset,), dtype)[offset:].view(rows, n)
     b = _rand((n,), dtype) if bias else None
@@ -87,6 +89,8 @@ def test_bias_gelu(dtype, approximate, rows, n, bias, offset):
     assert_no_worse("bias_gelu grad_x", gx, xt.grad, x64.grad)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("save_pre", [True, False])
 @pytest.mark.parametrize("m,k,n,bias", [(9, 384, 1536, True), (1, 64, 33, False), (17, 96, 40, True)])
@@ -122,6 +126,8 @@ def test_linear_gelu(dtype, save_pre, m, k, n, bias):
         assert gb.shape == (0,)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_linear_gelu_fp32_ignores_tf32_switch():
     """fp32 is IEEE even when the user allows TF32 globally: the binding turns it off around its GEMMs."""
     m, k, n = 64, 512, 256
@@ -151,6 +157,8 @@ def _ln_reference(x, w, b, r, xb, eps, p, seed, g, dtype):
         (rs.grad if rs is not None else None), (xbs.grad if xbs is not None else None)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,n", [(1, 768), (7, 384), (33, 1024), (5, 4096), (3, 8192), (6, 1001), (2, 312)])
 @pytest.mark.parametrize("extras", ["none", "all", "residual"])
@@ -192,6 +200,8 @@ def test_add_layer_norm(dtype, rows, n, extras):
         assert g_xb.shape == (0,)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("n", [768, 1001])
 def test_add_layer_norm_dropout(dtype, n):
@@ -213,6 +223,8 @@ def test_add_layer_norm_dropout(dtype, n):
     assert_no_worse("add_layer_norm+dropout grad_x_bias", g_xb, gxb_t, gxb64, atol=ATOL[dtype] * rows)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_add_layer_norm_empty_rows():
     w = torch.ones(64, device=DEVICE)
     x = torch.empty(0, 64, device=DEVICE)
@@ -322,6 +334,8 @@ def _check_attention(mode, B, H, S, D, dtype, p=0.0, Sk=None):
     return out, lse, gq, gk, gv
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [32, 64, 128, 16, 80])
 @pytest.mark.parametrize("mode", ["none", "padding", "causal", "bias", "varlen"])
@@ -329,18 +343,24 @@ def test_attention(dtype, D, mode):
     _check_attention(mode, B=3, H=2, S=129, D=D, dtype=dtype)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("S,Sk", [(1, 1), (7, 7), (7, 130), (200, 3)])
 def test_attention_awkward_lengths(dtype, S, Sk):
     _check_attention("padding", B=3, H=3, S=S, D=64, dtype=dtype, Sk=Sk)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["padding", "varlen", "causal"])
 def test_attention_dropout(dtype, mode):
     _check_attention(mode, B=3, H=2, S=70, D=64, dtype=dtype, p=0.2)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_attention_scalar_loads():
     """Head dim 20 (not a multiple of 8) and a view whose rows are not 16-byte aligned: the scalar loader."""
     _check_attention("padding", B=2, H=2, S=33, D=20, dtype=torch.float16)
@@ -353,6 +373,8 @@ def test_attention_scalar_loads():
     assert_no_worse("attention misaligned out", out, ref_t, ref)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_attention_rejects_head_dim_over_128():
     q = _rand((1, 4, 1, 160), torch.float16)
     with pytest.raises(RuntimeError, match="head dim"):
@@ -362,6 +384,8 @@ def test_attention_rejects_head_dim_over_128():
 # ----------------------------------------------------------------------------------------------
 # cuda vs triton vs reference on random shapes
 # ----------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("trial", range(6))
 def test_cross_check_random_shapes(trial):
     import fastbert
@@ -408,6 +432,8 @@ def test_cross_check_random_shapes(trial):
 # ----------------------------------------------------------------------------------------------
 # determinism
 # ----------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_backward_is_deterministic():
     q, k, v, kw = _attn_case("padding", 2, 4, 150, 64, torch.float16)
     out, lse = F.attention_fwd(q, k, v, kw["mask"], None, None, 150, False, 0.125, 0.0, None)
@@ -428,6 +454,8 @@ def test_backward_is_deterministic():
 # ----------------------------------------------------------------------------------------------
 # bad inputs: the bindings' checks name the argument
 # ----------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_bad_inputs_name_the_argument():
     h = _rand((4, 64), torch.float16)
     w = torch.ones(64, device=DEVICE)
@@ -478,6 +506,8 @@ def test_bad_inputs_name_the_argument():
         F.attention_bwd(out, q, q, q, out, lse[:, :, :4], None, None, None, 8, False, 0.1, 0.0, None)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_bad_device_mix_names_the_argument():
     q = _rand((2, 8, 2, 64), torch.float16)
     with pytest.raises(RuntimeError, match="k must be a CUDA tensor"):
@@ -503,6 +533,8 @@ _PHILOX_HOST = textwrap.dedent("""
 """)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_philox_matches_reference(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -560,6 +592,8 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer(tool, tmp_path):
     exe = shutil.which("compute-sanitizer")
@@ -580,3 +614,251 @@ def test_compute_sanitizer(tool, tmp_path):
     log = (r.stdout + r.stderr)[-6000:]
     assert "SANITIZER-SCRIPT-DONE" in r.stdout, f"script did not complete:\n{log}"
     assert r.returncode == 0, f"compute-sanitizer --tool {tool} reported errors:\n{log}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the CUDA kernels' source executed on the host (csrc/cuda/host_emulation.cuh): no GPU needed
+# ----------------------------------------------------------------------------------------------
+# Opt-in (FASTBERT_CUDA_EMULATION=1): building takes ~1 min and the emulation (one OS thread per CUDA
+# thread) a few more, too slow for the CI budget; it is how the kernels were first checked, before any
+# GPU ran them. It checks logic (indexing, masks, barriers, reductions, dropout, WMMA tiling), not speed.
+_EMU_WRAP = textwrap.dedent("""
+    #include "cuda/launchers.h"
+    using namespace fastbert::cuda;
+    extern "C" {
+    int w_bias_gelu(int bwd, int dt, const void* g, const void* x, const float* b, void* y, long rows, long n, int t) {
+      return bwd ? bias_gelu_bwd((DType)dt, g, x, b, y, rows, n, t, nullptr) : bias_gelu_fwd((DType)dt, x, b, y, rows, n, t, nullptr);
+    }
+    int w_ln_fwd(int dt, const void* x, const void* res, const float* xb, const float* w, const float* b, void* out,
+                 float* mean, float* rstd, long rows, long n, float eps, double p, const int64_t* seed) {
+      return add_layer_norm_fwd((DType)dt, x, res, xb, w, b, out, mean, rstd, rows, n, eps, p, seed, nullptr);
+    }
+    long w_ln_ws(long rows, long n, int sms) { return add_layer_norm_bwd_workspace_bytes(rows, n, sms); }
+    int w_ln_bwd(int dt, const void* g, const void* x, const void* res, const float* xb, const float* w,
+                 const float* mean, const float* rstd, void* gpre, void* gx, float* gw, float* gb, float* gxb,
+                 long rows, long n, double p, const int64_t* seed, float* ws, int sms) {
+      return add_layer_norm_bwd((DType)dt, g, x, res, xb, w, mean, rstd, gpre, gx, gw, gb, gxb, rows, n, p, seed,
+                                ws, sms, nullptr);
+    }
+    // I: dtype, B, H, D, Sq, Sk, causal. S: strides q(3) k(3) v(3) out(3) kpm(2) bias(4) lse(2)
+    static AttentionParams mk(const int* I, const long* S, const int* cu, const bool* kpm, const void* bias,
+                              float scale, double p, const int64_t* seed) {
+      AttentionParams a{};
+      a.dtype = (DType)I[0]; a.batch = I[1]; a.heads = I[2]; a.head_dim = I[3]; a.seqlen_q = I[4]; a.seqlen_k = I[5];
+      a.causal = I[6]; a.bias_dtype = DType::kFloat32; a.cu_seqlens = cu; a.kpm = kpm;
+      a.kpm_stride_b = S[12]; a.kpm_stride_j = S[13]; a.bias = bias; a.bias_stride_b = S[14];
+      a.bias_stride_h = S[15]; a.bias_stride_i = S[16]; a.bias_stride_j = S[17]; a.scale = scale;
+      a.dropout_p = p; a.seed = seed; a.lse_stride_b = S[18]; a.lse_stride_h = S[19];
+      return a;
+    }
+    int w_attn(int bwd, const int* I, const long* S, const int* cu, const bool* kpm, const void* bias, float scale,
+               double p, const int64_t* seed, const void* g, const void* q, const void* k, const void* v, void* o,
+               float* lse, float* delta, void* gq, void* gk, void* gv) {
+      AttentionParams a = mk(I, S, cu, kpm, bias, scale, p, seed);
+      AttnTensor tq{q, S[0], S[1], S[2]}, tk{k, S[3], S[4], S[5]}, tv{v, S[6], S[7], S[8]}, to{o, S[9], S[10], S[11]};
+      if (!bwd) return attention_fwd(a, tq, tk, tv, {o, S[9], S[10], S[11]}, lse, nullptr);
+      // grad_q has out's (contiguous q) layout; grad_k/grad_v are contiguous in k's shape: S[20..22]
+      return attention_bwd(a, {g, S[9], S[10], S[11]}, tq, tk, tv, to, lse, delta, {gq, S[9], S[10], S[11]},
+                           {gk, S[20], S[21], S[22]}, {gv, S[20], S[21], S[22]}, nullptr);
+    }
+    }
+""")
+
+
+def _cuda_include_dir():
+    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in cands:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_fp16.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+def _build_emulation(tmp_path):
+    import ctypes
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src_dir = os.path.join(root, "csrc", "cuda")
+    inc = tmp_path / "inc" / "cuda"
+    inc.mkdir(parents=True)
+    for name in ("launchers.h", "host_emulation.cuh"):
+        shutil.copy(os.path.join(src_dir, name), inc / name)
+    common = open(os.path.join(src_dir, "common.cuh")).read()
+    (inc / "common.cuh").write_text(common.replace("#include <cuda_runtime.h>", '#include "cuda/host_emulation.cuh"'))
+    launch = re.compile(r"([A-Za-z_][\w:]*(?:<[^;<>]*(?:<[^;<>]*>[^;<>]*)*>)?)<<<(.*?)>>>\(", re.S)
+    units = []
+    for name in ("bias_gelu", "add_layer_norm", "attention"):
+        s = open(os.path.join(src_dir, name + ".cu")).read()
+        s = s.replace("#include <mma.h>", "")
+        s = s.replace("extern __shared__ __align__(128) unsigned char smem[];", "unsigned char* smem = emu_dyn_smem();")
+        s = s.replace("extern __shared__ float acc[];", "float* acc = reinterpret_cast<float*>(emu_dyn_smem());")
+        s, n = launch.subn(lambda m: f"emu_launch({m.group(1)}, {m.group(2)})(", s)
+        assert n > 0, f"no kernel launch found in {name}.cu"
+        (tmp_path / f"{name}.cpp").write_text('#include "cuda/host_emulation.cuh"\n' + s)
+        units.append(tmp_path / f"{name}.cpp")
+    (tmp_path / "wrap.cpp").write_text(_EMU_WRAP)
+    units.append(tmp_path / "wrap.cpp")
+    gxx = shutil.which("g++")
+    flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w", f"-I{tmp_path / 'inc'}", f"-I{_cuda_include_dir()}"]
+    procs = [subprocess.Popen([gxx, *flags, "-c", str(u), "-o", str(u) + ".o"], stderr=subprocess.PIPE, text=True)
+             for u in units]
+    for u, pr in zip(units, procs):
+        _, err = pr.communicate(timeout=900)
+        assert pr.returncode == 0, f"g++ failed on {u.name}:\n{err[-3000:]}"
+    lib = tmp_path / "libfastbert_emu.so"
+    subprocess.run([gxx, "-shared", "-pthread", "-o", str(lib), *[str(u) + ".o" for u in units]], check=True)
+    L = ctypes.CDLL(str(lib))
+    c_int, c_long, c_float, c_double, V = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
+    L.w_bias_gelu.argtypes = [c_int, c_int, V, V, V, V, c_long, c_long, c_int]
+    L.w_ln_fwd.argtypes = [c_int, V, V, V, V, V, V, V, V, c_long, c_long, c_float, c_double, V]
+    L.w_ln_ws.argtypes = [c_long, c_long, c_int]
+    L.w_ln_ws.restype = c_long
+    L.w_ln_bwd.argtypes = [c_int] + [V] * 12 + [c_long, c_long, c_double, V, V, c_int]
+    L.w_attn.argtypes = [c_int, V, V, V, V, V, c_float, c_double, V] + [V] * 10
+    return L
+
+
+def _emu_bias_gelu(L, dt, rows, n, offset, approximate):
+    P = (lambda t: t.data_ptr() if t is not None else None)
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dt]
+    x = torch.randn(rows * n + offset, dtype=torch.float64).to(dt)[offset:].view(rows, n)
+    b = torch.randn(n, dtype=torch.float64).float()
+    g = torch.randn(rows, n, dtype=torch.float64).to(dt)
+    out, gi = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    tanh = approximate == "tanh"
+    assert L.w_bias_gelu(0, code, None, P(x), P(b), P(out), rows, n, tanh) == 0
+    assert L.w_bias_gelu(1, code, P(g), P(x), P(b), P(gi), rows, n, tanh) == 0
+    assert_no_worse("emu bias_gelu", out, reference.bias_gelu(x, b.to(dt), approximate=approximate),
+                    reference.bias_gelu(x.double(), b.double(), approximate=approximate))
+    x64, xt = x.double().requires_grad_(), x.clone().requires_grad_()
+    reference.bias_gelu(x64, b.double(), approximate=approximate).backward(g.double())
+    reference.bias_gelu(xt, b.to(dt), approximate=approximate).backward(g)
+    assert_no_worse("emu bias_gelu grad", gi, xt.grad, x64.grad)
+
+
+def _emu_layer_norm(L, dt, rows, n, extras, p):
+    P = (lambda t: t.data_ptr() if t is not None else None)
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dt]
+    r64 = (lambda shape: torch.randn(shape, dtype=torch.float64))
+    x, g = r64((rows, n)).to(dt), r64((rows, n)).to(dt)
+    w = (1 + 0.1 * r64(n)).float()
+    b, r, xb = ((0.1 * r64(n)).float(), r64((rows, n)).to(dt), r64(n).float()) if extras else (None, None, None)
+    seed = torch.tensor([123456789], dtype=torch.int64) if p > 0 else None
+    out = torch.full_like(x, float("nan"))
+    mean, rstd = torch.full((rows,), float("nan")), torch.full((rows,), float("nan"))
+    assert L.w_ln_fwd(code, P(x), P(r), P(xb), P(w), P(b), P(out), P(mean), P(rstd), rows, n, 1e-5, p, P(seed)) == 0
+    sms = 2
+    ws = torch.full((L.w_ln_ws(rows, n, sms) // 4 + 1,), float("nan"))
+    gpre = torch.full_like(x, float("nan"))
+    gx = torch.full_like(x, float("nan")) if p > 0 else None
+    gw = torch.full((n,), float("nan"))
+    gb, gxb = (torch.full((n,), float("nan")), torch.full((n,), float("nan"))) if extras else (None, None)
+    assert L.w_ln_bwd(code, P(g), P(x), P(r), P(xb), P(w), P(mean), P(rstd), P(gpre), P(gx), P(gw), P(gb), P(gxb),
+                      rows, n, p, P(seed), P(ws), sms) == 0
+
+    def ref(d):
+        cast = (lambda t: None if t is None else t.detach().to(d).requires_grad_())
+        xs, ws_, bs, rs, xbs = cast(x), cast(w), cast(b), cast(r), cast(xb)
+        o = reference.add_layer_norm(xs, ws_, bs, residual=rs, x_bias=xbs, eps=1e-5, dropout_p=p, seed=seed)
+        o.backward(g.to(d))
+        return [o.detach(), xs.grad, ws_.grad] + ([bs.grad, rs.grad, xbs.grad] if extras else [])
+
+    t, r64_ = ref(dt), ref(torch.float64)
+    tag = f"emu add_layer_norm {dt} {rows}x{n} extras={extras} p={p}"
+    assert_no_worse(tag + " out", out, t[0], r64_[0])
+    assert_no_worse(tag + " grad_x", gx if p > 0 else gpre, t[1], r64_[1])
+    assert_no_worse(tag + " grad_weight", gw, t[2], r64_[2], atol=1e-5 * rows)
+    if extras:
+        assert_no_worse(tag + " grad_bias", gb, t[3], r64_[3], atol=1e-5 * rows)
+        assert_no_worse(tag + " grad_residual", gpre, t[4], r64_[4])
+        assert_no_worse(tag + " grad_x_bias", gxb, t[5], r64_[5], atol=ATOL[dt] * rows, dtype=dt)
+
+
+def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None):
+    import ctypes
+    import itertools
+    P = (lambda t: t.data_ptr() if t is not None else None)
+    rnd = (lambda shape: torch.randn(shape, dtype=torch.float64).to(dt))
+    Sk = S if Sk is None else Sk
+    cu = mask = bias = None
+    causal = mode == "causal"
+    if mode == "varlen":
+        lens = [S, max(1, S // 2), 0, 1][:B]
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+        q, k, v = (rnd((sum(lens), H, D)) for _ in range(3))
+        maxs, nb, sq, sk = max(lens), len(lens), max(lens), max(lens)
+        st = (lambda t: (0, t.stride(0), t.stride(1)))
+        lse = torch.full((H, q.shape[0]), float("nan"))
+        lse_st = (0, q.shape[0])
+    else:
+        q, k, v = rnd((B, S, 3, H, D)).unbind(2)  # strided views of one fused projection
+        if Sk != S:
+            k, v = rnd((B, Sk, H, D)), rnd((B, Sk, H, D))
+        maxs, nb, sq, sk = max(S, Sk), B, S, Sk
+        st = (lambda t: (t.stride(0), t.stride(1), t.stride(2)))
+        lse = torch.full((B, H, S), float("nan"))
+        lse_st = (H * S, S)
+        if mode in ("padding", "bias"):
+            mask = torch.ones(B, Sk, dtype=torch.bool)
+            if B > 1:
+                mask[1, (Sk + 1) // 2:] = False
+            if B > 2:
+                mask[2] = False
+        if mode == "bias":
+            bias = torch.randn(1, H, S, Sk, dtype=torch.float64).float().expand(B, H, S, Sk)
+    scale = 1 / math.sqrt(D)
+    seed = torch.tensor([987654321012], dtype=torch.int64) if p > 0 else None
+    out = torch.full(q.shape, float("nan"), dtype=dt)
+    gq, gk, gv = (torch.full(t.shape, float("nan"), dtype=dt) for t in (q, k, v))
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dt]
+    ints = (ctypes.c_int * 7)(code, nb, H, D, sq, sk, int(causal))
+    kpm_st = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    bias_st = tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
+    strides = (ctypes.c_long * 23)(*(st(q) + st(k) + st(v) + st(out) + kpm_st + bias_st + lse_st + st(gk)))
+    common = (ints, strides, P(cu), P(mask), P(bias), scale, p, P(seed))
+    assert L.w_attn(0, *common, None, P(q), P(k), P(v), P(out), P(lse), None, None, None, None) == 0
+    g = rnd(out.shape)
+    delta = torch.zeros_like(lse)
+    assert L.w_attn(1, *common, P(g), P(q), P(k), P(v), P(out), P(lse), P(delta), P(gq), P(gk), P(gv)) == 0
+
+    def ref(d):
+        qs, ks, vs = (t.detach().to(d).requires_grad_() for t in (q, k, v))
+        o = reference.attention(qs, ks, vs, attention_mask=mask, attn_bias=bias, cu_seqlens=cu,
+                                max_seqlen=maxs if cu is not None else None, causal=causal, scale=scale, dropout_p=p,
+                                seed=seed)
+        o.backward(g.to(d))
+        return o.detach(), qs.grad, ks.grad, vs.grad
+
+    t, r = ref(dt), ref(torch.float64)
+    valid = mask.any(-1)[:, None, None, None].expand_as(q) if mask is not None else None
+    tag = f"emu attention[{mode}] B{B} H{H} S{S} Sk{Sk} D{D} {dt} p={p}"
+    assert_no_worse(tag + " out", out, t[0], r[0], valid=valid)
+    if valid is not None:
+        assert bool((out[~valid] == 0).all()), tag + ": rows with no key must be 0"
+    assert not bool(torch.isnan(lse).any()), tag + ": lse not fully written"
+    assert_no_worse(tag + " grad_q", gq, t[1], r[1], valid=valid)
+    assert_no_worse(tag + " grad_k", gk, t[2], r[2])
+    assert_no_worse(tag + " grad_v", gv, t[3], r[3])
+
+
+@pytest.mark.skipif(os.environ.get("FASTBERT_CUDA_EMULATION") != "1",
+                    reason="opt-in (FASTBERT_CUDA_EMULATION=1): runs the CUDA kernels' source under a slow host emulation")
+def test_kernels_under_host_emulation(tmp_path):
+    if shutil.which("g++") is None or _cuda_include_dir() is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
+    L = _build_emulation(tmp_path)
+    torch.manual_seed(0)
+    for dt in DTYPES:
+        for rows, n, off, approx in ((3, 24, 0, "none"), (2, 13, 0, "tanh"), (2, 16, 1, "none")):
+            _emu_bias_gelu(L, dt, rows, n, off, approx)
+        for rows, n, extras, p in ((5, 24, False, 0.0), (3, 13, True, 0.0), (9, 200, True, 0.0), (2, 1100, False, 0.0),
+                                   (2, 8192, True, 0.0), (6, 40, True, 0.3), (3, 13, True, 0.3)):
+            _emu_layer_norm(L, dt, rows, n, extras, p)
+        for mode in ("none", "padding", "causal", "bias", "varlen"):
+            _emu_attention(L, mode, 3, 2, 40, 32, dt)
+        _emu_attention(L, "padding", 3, 1, 7, 20, dt, Sk=40)   # scalar loader (D % 8 != 0), Sq != Sk
+        _emu_attention(L, "padding", 2, 1, 70, 128, dt)        # DP = 128 tiles, two query tiles
+        _emu_attention(L, "padding", 3, 2, 24, 64, dt, p=0.2)  # dropout
+        _emu_attention(L, "varlen", 3, 1, 24, 32, dt, p=0.2)
