@@ -1,7 +1,7 @@
 """The C++/CUDA backend (csrc/cuda, csrc/cuda_bindings) called directly through torch.ops.fastbert.*.
 
-Every test here needs an NVIDIA GPU and a CUDA build of fastbert._C (`gpu` marker; skipped elsewhere
-with the reason). What they check, beyond the shared per-op tests that run with backend="cuda":
+The tests marked `gpu` need an NVIDIA GPU and a CUDA build of fastbert._C (skipped elsewhere with the
+reason). What they check, beyond the shared per-op tests that run with backend="cuda":
   - each kernel against the float64 reference with the equivalence rule (fastbert.testing), forward
     and backward, on awkward shapes: odd hidden sizes (the scalar path), misaligned views, seq 1/7/129,
     head dims off the 32/64/128 grid (zero-padded in shared memory), fully padded sequences;
@@ -11,6 +11,8 @@ with the reason). What they check, beyond the shared per-op tests that run with 
   - bad inputs rejected by the bindings' TORCH_CHECKs, naming the argument;
   - determinism of the backward passes (no atomics: bit-identical reruns);
   - compute-sanitizer memcheck and racecheck over every kernel (skipped without compute-sanitizer).
+One test needs no GPU: test_kernels_under_host_emulation (opt-in, FASTBERT_CUDA_EMULATION=1) compiles the
+kernels' own source with g++ against csrc/cuda/host_emulation.cuh and checks them on CPU tensors.
 Outputs are NaN-poisoned before the kernels run (FASTBERT_POISON_OUTPUTS=1 from conftest), so an
 element a kernel forgets to write fails the comparison.
 """
