@@ -9,6 +9,7 @@ Switches (environment variables):
   FASTBERT_SKIP_CUDA_BUILD=1   build the CPU part of _C only
   FASTBERT_SKIP_EXTENSION=1    build no extension at all
   FASTBERT_CUDA_ARCHS          semicolon-separated SM list, default "80;90a"
+  FASTBERT_CPU_AVX2=0/1        compile csrc/cpu for AVX2+FMA (default: when the build machine has them)
   MAX_JOBS                     parallel compile jobs (read by torch's ninja builder)
 
 Build with `pip install --no-build-isolation -e .` so that the installed torch is the one built against.
