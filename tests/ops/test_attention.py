@@ -469,3 +469,15 @@ def test_torch_compile_traces_through(backend, device):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     for a, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(a, t.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+def test_torch_compile_fullgraph(backend, device, monkeypatch):
+    # validation, dispatch and the autograd Function trace into one graph (no graph break)
+    _require(backend, device)
+    monkeypatch.setenv("FASTBERT_BACKEND", backend)
+    q, k, v, kw = _build("padding", 3, 2, 9, 16, torch.float32, device)
+    compiled = torch.compile(lambda q, k, v, m: attention(q, k, v, attention_mask=m), backend="aot_eager",
+                             fullgraph=True)
+    out = compiled(q, k, v, kw["attention_mask"])
+    torch.testing.assert_close(out, attention(q, k, v, **kw), rtol=0, atol=0)
