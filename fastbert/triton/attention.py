@@ -561,8 +561,10 @@ def _fwd_configs():
     # sm_80/sm_90: 128-row query tiles keep the tensor cores fed; for D > 64 the K/V tiles are
     # halved so two stages still fit in shared memory. Configs too big for a given D are skipped by
     # the autotuner (OutOfResources).
+    # The last, small config is the fallback that fits shared memory in every case (fp32, D = 128,
+    # with a bias tile on an A100).
     return [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3),
-            _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4)]
+            _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4), _cfg(32, 32, 4, 2)]
 
 
 def _dkdv_configs():
@@ -570,13 +572,14 @@ def _dkdv_configs():
         return [_cfg(32, 32, 4, 1)]
     # BLOCK_N keys are held for the whole program; queries stream in BLOCK_M chunks
     return [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3),
-            _cfg(16, 64, 4, 4)]
+            _cfg(16, 64, 4, 4), _cfg(16, 32, 4, 2)]
 
 
 def _dq_configs():
     if _INTERPRET:
         return [_cfg(32, 32, 4, 1)]
-    return [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4)]
+    return [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4),
+            _cfg(32, 32, 4, 2)]
 
 
 def _prune(configs, named_args, **kwargs):
