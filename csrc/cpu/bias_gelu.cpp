@@ -10,6 +10,7 @@
 #include "cpu/common.h"
 
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <type_traits>
 
@@ -245,6 +246,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
                                                    bool save_pre) {
   check_linear(kLgFwd, x, weight, bias);
   const bool tanh = parse_approximate(kLgFwd, approximate);
+  // The GEMMs below are ATen calls: under torch.autocast they would be re-cast (to bf16 on CPU) behind
+  // this kernel's back. The kernel owns its precision, so autocast is switched off inside it.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t m = x.size(0), n = weight.size(0);
   at::Tensor out = new_output({m, n}, x.scalar_type());
   at::Tensor pre = save_pre ? new_output({m, n}, x.scalar_type()) : no_output(x.scalar_type());
@@ -272,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
                                                                const at::Tensor& pre, c10::string_view approximate) {
   check_linear(kLgBwd, x, weight, bias);
   const bool tanh = parse_approximate(kLgBwd, approximate);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see linear_gelu_fwd
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   check_cpu(kLgBwd, "grad_out", grad_out);
   FB_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kLgBwd,

@@ -155,6 +155,24 @@ def test_linear_gelu(dtype, m, k, n, with_bias, save_pre, approximate):
         _check("grad_bias", gb, gd[2], g64[2], dtype)
 
 
+def test_linear_gelu_ignores_autocast():
+    """The kernel's ATen GEMMs must not be re-cast by an enclosing torch.autocast region."""
+    x, w, b = torch.randn(6, 32), torch.randn(24, 32) / 6, torch.randn(24)
+    want, pre = OPS.linear_gelu_fwd(x, w, b, "none", True)
+    g = torch.randn(6, 24)
+    want_g = OPS.linear_gelu_bwd(g, x, w, b, pre, "none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_pre = OPS.linear_gelu_fwd(x, w, b, "none", True)
+        got_g = OPS.linear_gelu_bwd(g, x, w, b, got_pre, "none")
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(got_pre, pre)
+    for a, e in zip(got_g, want_g):
+        assert a.dtype == e.dtype and torch.equal(a, e)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    want16 = OPS.linear_gelu_fwd(xb, wb, bb, "tanh", False)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(OPS.linear_gelu_fwd(xb, wb, bb, "tanh", False)[0], want16)
+
+
 # ----------------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------------
