@@ -60,6 +60,7 @@ Padding and what it holds:
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -602,6 +603,19 @@ _fwd = _autotuned(_attention_fwd_kernel, _fwd_configs())
 _dkdv = _autotuned(_attention_bwd_dkdv_kernel, _dkdv_configs())
 _dq = _autotuned(_attention_bwd_dq_kernel, _dq_configs())
 
+# FASTBERT_TRITON_AUTOTUNE=0 (read per call): one fixed config per kernel that fits shared memory for
+# every head dim and dtype. Autotuning compiles every config for every new flag combination, which a
+# test grid sweeping dtypes x head dims x mask modes on a GPU cannot afford; a model uses a handful.
+_fwd_fixed = triton.autotune(configs=[_cfg(64, 32, 4, 2)], key=_FLAGS)(_attention_fwd_kernel)
+_dkdv_fixed = triton.autotune(configs=[_cfg(32, 64, 4, 2)], key=_FLAGS)(_attention_bwd_dkdv_kernel)
+_dq_fixed = triton.autotune(configs=[_cfg(64, 32, 4, 2)], key=_FLAGS)(_attention_bwd_dq_kernel)
+
+
+def _kernels():
+    if _INTERPRET or os.environ.get("FASTBERT_TRITON_AUTOTUNE", "1") != "0":
+        return _fwd, _dkdv, _dq
+    return _fwd_fixed, _dkdv_fixed, _dq_fixed
+
 
 # ----------------------------------------------------------------------------------------------
 # launchers (signatures = csrc/ops.cpp attention_fwd / attention_bwd)
@@ -668,7 +682,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     if a["B"] == 0 or a["Sq"] == 0 or q.numel() == 0:
         return out, lse
     grid = lambda META: (triton.cdiv(a["Sq"], META["BLOCK_M"]) * a["B"] * a["H"],)  # noqa: E731
-    _fwd[grid](
+    _kernels()[0][grid](
         q, k, v, out, lse, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
         slb, slh, *a["mstr"], *a["bstr"],
@@ -705,14 +719,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     common = (*a["mstr"], *a["bstr"], H, a["Sq"], a["Sk"], a["sm_scale"],
               a["drop_threshold"], a["drop_scale"], a["seq_bucket"])
     grid_kv = lambda META: (triton.cdiv(a["Sk"], META["BLOCK_N"]) * a["B"] * H,)  # noqa: E731
-    _dkdv[grid_kv](
+    _, dkdv_kernel, dq_kernel = _kernels()
+    dkdv_kernel[grid_kv](
         q, k, v, grad_out, lse, delta, dk, dv, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(grad_out, packed),
         *_strides3(dk, packed), slb, slh, *common,
         **a["flags"],
     )
     grid_q = lambda META: (triton.cdiv(a["Sq"], META["BLOCK_M"]) * a["B"] * H,)  # noqa: E731
-    _dq[grid_q](
+    dq_kernel[grid_q](
         q, k, v, grad_out, lse, delta, dq, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(grad_out, packed),
         *_strides3(dq, packed), slb, slh, *common,
