@@ -219,18 +219,43 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kTanhCoef = 0.044715f;
 
-inline Vec gelu_erf(Vec v) {
-  return v * Vec(0.5f) * (Vec(1.f) + (v * Vec(kSqrtHalf)).erf());
-}
 inline Vec gelu_tanh(Vec v) {
   Vec u = Vec(kSqrt2OverPi) * (v + Vec(kTanhCoef) * v * v * v);
   return Vec(0.5f) * v * (Vec(1.f) + u.tanh());
 }
-// gelu' needs Phi(v) and phi(v), and both come from the one exponential exp(-v^2 / 2): with
+// exp on 8 lanes, inlined (the Sleef call behind Vec::exp is an out-of-line call through a dispatcher,
+// which dominates a GELU pass). Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, with ln2 split
+// in a short high part (n * hi is exact) and a correction; exp(r) = 1 + r + r^2 P(r), P the classic
+// Cephes expf minimax polynomial (~1 ulp); 2^n built in the exponent bits. x is clamped to the normal
+// range: below it the result is the smallest normal instead of a denormal/0, which is immaterial
+// here (it always multiplies something O(1) and is added to something O(1)).
+#if defined(CPU_CAPABILITY_AVX2)
+inline Vec exp_fast(Vec xv) {
+  __m256 x = xv;
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return Vec(_mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#else
+inline Vec exp_fast(Vec x) { return x.exp(); }
+#endif
+
+// Phi(v) = (1 + erf(v / sqrt 2)) / 2 and e = exp(-v^2 / 2) from one exponential: with
 // x = |v| / sqrt 2, erf(x) = 1 - t * poly(t) * exp(-x^2), t = 1 / (1 + 0.3275911 x) (Abramowitz &
-// Stegun 7.1.26, |error| < 1.5e-7, the same approximation at::vec's erf uses, so the gradient is as
-// exact as PyTorch's), and exp(-x^2) = exp(-v^2 / 2) = sqrt(2 pi) phi(v). One exp instead of two.
-inline Vec gelu_erf_grad(Vec v) {
+// Stegun 7.1.26, |error| < 1.5e-7 -- the approximation at::vec's erf, hence PyTorch's CPU GELU,
+// uses), and exp(-x^2) = exp(-v^2 / 2) = sqrt(2 pi) phi(v).
+inline Vec gelu_cdf(Vec v, Vec* e_out) {
   const Vec one(1.f);
   const Vec ax = v.abs() * Vec(kSqrtHalf);
   const Vec t = one / at::vec::fmadd(Vec(0.3275911f), ax, one);
@@ -238,12 +263,25 @@ inline Vec gelu_erf_grad(Vec v) {
   poly = at::vec::fmadd(poly, t, Vec(1.421413741f));
   poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
   poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
-  const Vec e = (Vec(-0.5f) * v * v).exp();       // exp(-x^2)
-  const Vec erf_abs = one - poly * t * e;            // erf(|v| / sqrt 2)
+  const Vec e = exp_fast(Vec(-0.5f) * v * v);  // exp(-x^2)
+  const Vec erf_abs = one - poly * t * e;        // erf(|v| / sqrt 2)
   const Vec erf = Vec::blendv(erf_abs, Vec(0.f) - erf_abs, v < Vec(0.f));
-  const Vec cdf = Vec(0.5f) * (one + erf);
+  *e_out = e;
+  return Vec(0.5f) * (one + erf);
+}
+
+inline Vec gelu_erf(Vec v) {
+  Vec e;
+  return v * gelu_cdf(v, &e);
+}
+
+// gelu'(v) = Phi(v) + v phi(v): both from the same exponential.
+inline Vec gelu_erf_grad(Vec v) {
+  Vec e;
+  const Vec cdf = gelu_cdf(v, &e);
   return at::vec::fmadd(v * Vec(kInvSqrt2Pi), e, cdf);
 }
+
 inline Vec gelu_tanh_grad(Vec v) {
   Vec v2 = v * v;
   Vec t = (Vec(kSqrt2OverPi) * (v + Vec(kTanhCoef) * v2 * v)).tanh();
