@@ -250,7 +250,7 @@ void fwd_task(const Problem& P, const at::Tensor& q, const at::Tensor& k, const 
         }
         Vec vm(mnew), sum(0.f);
         for (int64_t c = 0; c < width; c += kVec) {
-          Vec p = (Vec::loadu(s + c) - vm).exp();
+          Vec p = exp_fast(Vec::loadu(s + c) - vm);
           p.store(s + c);
           sum = sum + p;
         }
@@ -337,7 +337,7 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
           const Vec vl(li);
           // s - lse <= 0 in exact arithmetic; clamping keeps a rounded lse from giving P > 1
           for (int64_t c = 0; c < width; c += kVec)
-            at::vec::minimum(Vec::loadu(p + c) - vl, Vec(0.f)).exp().store(p + c);
+            exp_fast(at::vec::minimum(Vec::loadu(p + c) - vl, Vec(0.f))).store(p + c);
         }
         const Vec vd(delta[i]);
         if (P.drop.on) {

@@ -223,16 +223,19 @@ inline Vec gelu_tanh(Vec v) {
   Vec u = Vec(kSqrt2OverPi) * (v + Vec(kTanhCoef) * v * v * v);
   return Vec(0.5f) * v * (Vec(1.f) + u.tanh());
 }
-// exp on 8 lanes, inlined (the Sleef call behind Vec::exp is an out-of-line call through a dispatcher,
-// which dominates a GELU pass). Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, with ln2 split
-// in a short high part (n * hi is exact) and a correction; exp(r) = 1 + r + r^2 P(r), P the classic
-// Cephes expf minimax polynomial (~1 ulp); 2^n built in the exponent bits. x is clamped to the normal
-// range: below it the result is the smallest normal instead of a denormal/0, which is immaterial
-// here (it always multiplies something O(1) and is added to something O(1)).
+// exp on 8 lanes, inlined (the Sleef call behind Vec::exp is an out-of-line call through a
+// dispatcher, which dominates a GELU pass and a good part of the attention softmax). Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2 / 2, with ln2 split in a short high part (n * hi is exact) and
+// a correction; exp(r) = 1 + r + r^2 P(r), P the classic Cephes expf minimax polynomial (~1 ulp);
+// 2^n built in the exponent bits. Below the normal range (x < -87.3, -inf included) the result is
+// exactly 0, so a masked score gives probability 0, not a denormal; NaN stays NaN. The callers'
+// arguments are <= 0 (scores minus their running max, -v^2 / 2); past x ~ 88 the result is inf.
 #if defined(CPU_CAPABILITY_AVX2)
 inline Vec exp_fast(Vec xv) {
-  __m256 x = xv;
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
+  const __m256 x0 = xv;
+  const __m256 underflow = _mm256_cmp_ps(x0, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+  const __m256 isnan = _mm256_cmp_ps(x0, x0, _CMP_UNORD_Q);
+  __m256 x = _mm256_min_ps(_mm256_max_ps(x0, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -245,7 +248,8 @@ inline Vec exp_fast(Vec xv) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return Vec(_mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  const __m256 y = _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  return Vec(_mm256_blendv_ps(y, x0, isnan));
 }
 #else
 inline Vec exp_fast(Vec x) { return x.exp(); }
