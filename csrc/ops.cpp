@@ -1,5 +1,5 @@
 // Every C++ op's schema, in one place. Kernels are registered per device elsewhere:
-//   csrc/cpu_ops.cpp              TORCH_LIBRARY_IMPL(fastbert, CPU, m)
+//   csrc/cpu/<op>.cpp             TORCH_LIBRARY_IMPL(fastbert, CPU, m)    (one block per file)
 //   csrc/cuda_bindings/*.cpp      TORCH_LIBRARY_IMPL(fastbert, CUDA, m)   (CUDA builds only)
 // Fake (meta) kernels and the autograd wiring live on the Python side, in fastbert/ops/<op>.py.
 //
