@@ -115,6 +115,12 @@ def register_fake_both(name: str, fake) -> None:
         torch.library.register_fake(f"fastbert::{name}")(fake)
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want a backward through an op taking `tensors`. When it will not (inference,
+    torch.no_grad), the front ends call the forward kernel directly: no autograd Function, nothing saved."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def cpp_kernels(*names: str):
     """The C++ kernel names an op needs from the cpu and cuda backends (for Dispatcher(kernels=...))."""
     return {"cpu": names, "cuda": names}

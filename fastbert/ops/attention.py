@@ -280,5 +280,7 @@ def attention(
                                    causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
     # kernels read any strides but need a unit stride along D
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _AttentionFn.apply(q, k, v, attention_mask, attn_bias, cu_seqlens, int(max_seqlen), causal, scale,
-                              dropout_p, seed, decision.backend)
+    args = (q, k, v, attention_mask, attn_bias, cu_seqlens, int(max_seqlen), causal, scale, dropout_p, seed)
+    if C.needs_grad(q, k, v):
+        return _AttentionFn.apply(*args, decision.backend)
+    return C.kernel(decision.backend, OP, "attention_fwd")(*args)[0]

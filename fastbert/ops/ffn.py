@@ -175,7 +175,11 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *, approximate: str
     if decision.backend == "torch" or x.numel() == 0:
         return reference.bias_gelu(x, bias, approximate=approximate)
     x2 = x.reshape(-1, n).contiguous()
-    out = _BiasGeluFn.apply(x2, bias.contiguous() if bias is not None else None, approximate, decision.backend)
+    b = bias.contiguous() if bias is not None else None
+    if C.needs_grad(x, bias):
+        out = _BiasGeluFn.apply(x2, b, approximate, decision.backend)
+    else:
+        out = C.kernel(decision.backend, OP_BIAS_GELU, "bias_gelu_fwd")(x2, b, approximate)
     return out.reshape(x.shape)
 
 
@@ -210,9 +214,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     decision = DISPATCH_LINEAR_GELU.choose(x.device, x=x, weight=weight, bias=bias)
     if decision.backend == "torch" or x.numel() == 0 or n == 0:
         return reference.linear_gelu(x, weight, bias, approximate=approximate)
-    save_pre = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
     x2 = x.reshape(-1, k).contiguous()
-    out = _LinearGeluFn.apply(x2, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                              approximate, save_pre, decision.backend)
+    w, b = weight.contiguous(), bias.contiguous() if bias is not None else None
+    if C.needs_grad(x, weight, bias):
+        out = _LinearGeluFn.apply(x2, w, b, approximate, True, decision.backend)
+    else:
+        out = C.kernel(decision.backend, OP_LINEAR_GELU, "linear_gelu_fwd")(x2, w, b, approximate, False)[0]
     return out.reshape(*x.shape[:-1], n)

@@ -165,7 +165,10 @@ def add_layer_norm(
         return out if out.dtype == x.dtype else out.to(x.dtype)
     x2 = x.reshape(-1, n).contiguous()
     r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
-    out = _AddLayerNormFn.apply(x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2,
-                                x_bias.contiguous() if x_bias is not None else None, eps, dropout_p, seed,
-                                decision.backend)
+    args = (x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2,
+            x_bias.contiguous() if x_bias is not None else None, eps, dropout_p, seed)
+    if C.needs_grad(x, weight, bias, residual, x_bias):
+        out = _AddLayerNormFn.apply(*args, decision.backend)
+    else:
+        out = C.kernel(decision.backend, OP, "add_layer_norm_fwd")(*args)[0]
     return out.reshape(x.shape)
