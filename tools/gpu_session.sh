@@ -22,7 +22,7 @@ run_stage() {  # name timeout command...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s) ==="
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" bash -c "$*" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t0))s ==="
   tail -n "${TAIL:-25}" "$OUT/$name.log"
@@ -65,8 +65,11 @@ EOF
 stage_tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider ${PYTEST_ARGS:-tests}; }
 stage_gpu-tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider -m gpu ${PYTEST_ARGS:-tests}; }
 stage_sanitizer() { "$PY" -m pytest -q -ra -p no:cacheprovider tests/ops/test_cuda_backend.py -k compute_sanitizer; }
+stage_gpu_tests() { stage_gpu-tests; }
 stage_bench() { "$PY" -m fastbert.bench ${BENCH_ARGS:---quick} --out "$OUT/bench"; }
 
+export OUT PY JOBS
+export -f stage_info stage_build stage_smoke stage_tests stage_gpu-tests stage_gpu_tests stage_sanitizer stage_bench
 for s in "$@"; do
   var="STAGE_TIMEOUT_${s//-/_}"
   run_stage "$s" "${!var:-540}" "stage_$s"
