@@ -13,8 +13,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD:$PWD/tools${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+export FAILURE_LOG=${FAILURE_LOG:-$OUT/failures.log}
 JOBS=${JOBS:-$(nproc)}
 failed=0
 
@@ -57,13 +58,13 @@ import torch, fastbert
 from fastbert import backends
 print(backends.extension_status())
 for op in ("add_layer_norm", "bias_gelu", "linear_gelu", "attention"):
-    print(op, "CUDA kernel:", backends.has_kernel(op, "CUDA"))
+    print(op, "CUDA kernels:", all(backends.has_kernel(f"{op}_{d}", "CUDA") for d in ("fwd", "bwd")))
 EOF
 }
 
 # the whole suite, gpu tests included; xdist spreads it over the CPU cores (one GPU, shared)
-stage_tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider ${PYTEST_ARGS:-tests}; }
-stage_gpu-tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider -m gpu ${PYTEST_ARGS:-tests}; }
+stage_tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider -p failure_log ${PYTEST_ARGS:-tests}; }
+stage_gpu-tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider -p failure_log -m gpu ${PYTEST_ARGS:-tests}; }
 stage_sanitizer() { "$PY" -m pytest -q -ra -p no:cacheprovider tests/ops/test_cuda_backend.py -k compute_sanitizer; }
 stage_gpu_tests() { stage_gpu-tests; }
 stage_bench() { "$PY" -m fastbert.bench ${BENCH_ARGS:---quick} --out "$OUT/bench"; }
@@ -76,5 +77,8 @@ for s in "$@"; do
 done
 echo "failed stages: $failed"
 # the device tool brings back at most 8 files: pack everything but the built library into one archive
-(cd "$OUT" && find . -type f ! -name '*.so' ! -name logs.tgz | tar czf logs.tgz -T - && find . -mindepth 1 ! -name '*.so' ! -name logs.tgz -delete) 2>/dev/null
+# (one archive per invocation, named by the stages it ran)
+tgz="logs-$(IFS=-; echo "$*").tgz"
+(cd "$OUT" && find . -type f ! -name '*.so' ! -name 'logs-*.tgz' | tar czf "$tgz" -T - &&
+  find . -mindepth 1 ! -name '*.so' ! -name 'logs-*.tgz' -delete) 2>/dev/null
 exit $failed
