@@ -53,3 +53,25 @@ def assert_no_worse(name: str, out: torch.Tensor, out_torch: torch.Tensor, ref64
         raise AssertionError(
             f"{name} ({dtype}): err {e_out:.3e} > {k} * torch err {e_torch:.3e} + atol {atol:.1e} = {bound:.3e}; "
             + _where(out, ref64, valid))
+
+
+def flash_grad_atol(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                    scale: Optional[float] = None, dtype: Optional[torch.dtype] = None):
+    """(atol for dq, atol for dk) of a flash-style attention backward: ATOL[dtype] plus the rounding
+    floor of its softmax gradient.
+
+    PyTorch's softmax backward forms dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik); a flash backward uses
+    delta_i = rowsum(dO_i * O_i) for the sum, a second fp32 dot product of length D that equals it only
+    in exact arithmetic. dP_ij - delta_i then carries a few fp32 ulps of |dP| where PyTorch's cancels
+    exactly (one key: dq is exactly 0 in PyTorch and ~1e-6 in fp32 on an H100, for FA-2 as for ours).
+    That floor, 4 ulp of the largest possible |dP| (|dP_ij| <= |dO_i| |V_j|), times scale and the
+    largest |K| (for dq) or |Q| (for dk), is added to the atol; it is independent of the input dtype
+    because dP and delta are fp32 in every backend.
+    """
+    dtype = dtype or q.dtype
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    dp_max = float(grad_out.detach().double().norm(dim=-1).max()) * float(v.detach().double().norm(dim=-1).max())
+    floor = 4 * 2.0 ** -24 * abs(scale) * dp_max
+    return (ATOL[dtype] + floor * float(k.detach().double().abs().max()),
+            ATOL[dtype] + floor * float(q.detach().double().abs().max()))

@@ -65,7 +65,7 @@ EOF
 # the whole suite, gpu tests included; xdist spreads it over the CPU cores (one GPU, shared)
 stage_tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider -p failure_log ${PYTEST_ARGS:-tests}; }
 stage_gpu-tests() { "$PY" -m pytest -q -ra -n "${XDIST:-8}" --timeout 300 -p no:cacheprovider -p failure_log -m gpu ${PYTEST_ARGS:-tests}; }
-stage_sanitizer() { "$PY" -m pytest -q -ra -p no:cacheprovider tests/ops/test_cuda_backend.py -k compute_sanitizer; }
+stage_sanitizer() { "$PY" -m pytest -v -ra -p no:cacheprovider -p failure_log tests/ops/test_cuda_backend.py -k compute_sanitizer; }
 stage_gpu_tests() { stage_gpu-tests; }
 stage_bench() { "$PY" -m fastbert.bench ${BENCH_ARGS:---quick} --out "$OUT/bench"; }
 

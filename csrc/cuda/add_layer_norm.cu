@@ -353,10 +353,12 @@ cudaError_t bwd_launch(const Common& c, const void* grad_out, const float* mean,
   if (grid > resident) grid = resident;  // <= bwd_grid_bound: the workspace has room
   if (grid > 0) {
     // GPB * 3 * n floats: <= 24 KiB when GPB > 1 (n <= 64 * MAXV * VEC <= 1024 there), up to 96 KiB for
-    // n = 8192 with one row per block, which needs the opt-in above the 48 KiB default.
+    // n = 8192 with one row per block. The 48 KiB default limit counts the static `red` array too
+    // (BLOCK / 32 floats), so n = 4096 (exactly 48 KiB dynamic) already needs the opt-in: found on an
+    // H100, where the launch failed with cudaErrorInvalidValue.
     const size_t smem = bwd_smem_bytes(G, c.n);
     auto kernel = add_layer_norm_bwd_kernel<T, VEC, MAXV, G>;
-    if (smem > 48 * 1024) {
+    if (smem + (BLOCK / 32) * sizeof(float) > 48 * 1024) {
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (e != cudaSuccess) return e;
     }

@@ -31,9 +31,24 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Read when the kernels are defined, as Triton itself does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# exp for the GELU math. On a GPU tl.exp is ex2.approx after a rounded multiply by log2(e) (a few ulp
+# off for |x| of a few units); libdevice's exp is accurate to 1 ulp, as PyTorch's expf is. Its division
+# is correctly rounded (tl.math.div_rn) for the same reason; the interpreter has no libdevice and its
+# tl.exp is numpy's (accurate), so it keeps tl.exp.
+_LIBDEVICE_EXP = tl.constexpr(not _INTERPRET)
+
+
+@triton.jit
+def _exp(x):
+    if _LIBDEVICE_EXP:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
 
 _ACT_IDENTITY = 0
 _ACT_GELU_ERF = 1
@@ -53,8 +68,8 @@ def _gelu(h, TANH: tl.constexpr):
     """gelu(h) for fp32 h (see the module doc)."""
     if TANH:
         u = _SQRT_2_OVER_PI * (h + _TANH_A * h * h * h)
-        t = tl.exp(-2.0 * tl.abs(u))
-        s = tl.where(u >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+        t = _exp(-2.0 * tl.abs(u))
+        s = tl.where(u >= 0, tl.math.div_rn(1.0, 1.0 + t), tl.math.div_rn(t, 1.0 + t))
         return h * s
     else:
         return 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
@@ -66,13 +81,13 @@ def _gelu_grad(h, TANH: tl.constexpr):
     if TANH:
         u = _SQRT_2_OVER_PI * (h + _TANH_A * h * h * h)
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_A * h * h)
-        t = tl.exp(-2.0 * tl.abs(u))
-        r = 1.0 / (1.0 + t)
+        t = _exp(-2.0 * tl.abs(u))
+        r = tl.math.div_rn(1.0, 1.0 + t)
         s = tl.where(u >= 0, r, t * r)
         return s + h * (2.0 * du) * (t * r * r)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
-        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * h * h)
+        pdf = _INV_SQRT_2PI * _exp(-0.5 * h * h)
         return cdf + h * pdf
 
 

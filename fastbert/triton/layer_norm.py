@@ -89,10 +89,10 @@ def _add_layer_norm_fwd_kernel(
         h += tl.load(RES + base + cols, mask=mask, other=0.0).to(tl.float32)
 
     # two-pass statistics over the row held in registers (masked lanes are 0 in h and in diff)
-    mean = tl.sum(h, axis=0) / N
+    mean = tl.math.div_rn(tl.sum(h, axis=0), N * 1.0)
     diff = tl.where(mask, h - mean, 0.0)
-    var = tl.sum(diff * diff, axis=0) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    var = tl.math.div_rn(tl.sum(diff * diff, axis=0), N * 1.0)
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
@@ -161,8 +161,8 @@ def _add_layer_norm_bwd_kernel(
 
         dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
         gy = dy * w  # 0 in masked lanes, since dy and w are
-        c1 = tl.sum(gy, axis=0) / N
-        c2 = tl.sum(gy * xhat, axis=0) / N
+        c1 = tl.math.div_rn(tl.sum(gy, axis=0), N * 1.0)
+        c2 = tl.math.div_rn(tl.sum(gy * xhat, axis=0), N * 1.0)
         dh = (gy - c1 - xhat * c2) * rstd
         tl.store(DPRE + base + cols, dh.to(DPRE.dtype.element_ty), mask=mask)
 
@@ -188,6 +188,11 @@ def _add_layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
+# _FP_NOTE. On a GPU, Triton's `/` and tl.sqrt are approximate (div.full / sqrt.approx) and it contracts
+# a * b - c into one FMA; both kernels use correctly rounded division and square root and launch with
+# enable_fp_fusion=False, so each step rounds as PyTorch's separate ops do. Seen on an H100: with N = 1
+# (x - mean = 0, rstd = 1/sqrt(eps) = 1e6) the contracted gy - c1 left gy's rounding error, times 1e6,
+# in grad x (0.035 where the answer is exactly 0). These kernels are memory-bound: the cost is nil.
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -281,6 +286,7 @@ def add_layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
             n, float(eps), threshold, scale,
             HAS_RES=residual is not None, HAS_B=bias is not None, HAS_XB=x_bias is not None,
             HAS_DROPOUT=has_drop, BLOCK_N=block, num_warps=_num_warps(block),
+            enable_fp_fusion=False,  # see _FP_NOTE
         )
     return out, mean, rstd
 
@@ -325,6 +331,7 @@ def add_layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
             rows, n, rows_per_prog, threshold, scale,
             HAS_RES=residual is not None, HAS_B=bias is not None, HAS_XB=x_bias is not None,
             HAS_DROPOUT=has_drop, BLOCK_N=block, num_warps=_num_warps(block, backward=True),
+            enable_fp_fusion=False,  # see _FP_NOTE
         )
     # second stage of the column sums: fixed-order fp32 sum over programs, rounded once
     grad_w.copy_(dw_part.sum(0))

@@ -15,7 +15,7 @@ import fastbert
 from fastbert import backends, reference
 from fastbert.ops import _common
 from fastbert.ops.attention import attention
-from fastbert.testing import assert_no_worse
+from fastbert.testing import assert_no_worse, flash_grad_atol
 from tests.helpers import DEVICES, HAS_CUDA, require_backend
 
 KERNELS = ("attention_fwd", "attention_bwd")
@@ -109,11 +109,13 @@ def _check(backend, q, k, v, kw, *, dropout_p=0.0, seed_value=None, batches=None
     kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
     want = _run(ref, q.double(), k.double(), v.double(), g.double(), kw64)
     yard = _run(ref, q, k, v, g, kw)
+    atol_dq, atol_dk = flash_grad_atol(q, k, v, g, kw.get("scale"), dtype)
+    atols = {"dq": atol_dq, "dk": atol_dk}
     for name, a, y, w in zip(("out", "dq", "dk", "dv"), got, yard, want):
         assert a.shape == w.shape and a.dtype == dtype, name
         if batches is not None:
             a, y, w = a[batches], y[batches], w[batches]
-        assert_no_worse(f"{backend} {name}", a, y, w, dtype=dtype)
+        assert_no_worse(f"{backend} {name}", a, y, w, dtype=dtype, atol=atols.get(name))
     return got
 
 
@@ -199,10 +201,11 @@ def test_cross_attention_lengths(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", _backend_device())
 def test_head_dim_not_power_of_two(backend, device):
-    # TinyBERT-312 has head dim 26: Triton masks the padded lanes of D; the C++ kernels send it to torch
+    # TinyBERT-312 has head dim 26: Triton masks the padded lanes of D, csrc/cuda pads it in shared
+    # memory; the cpu kernels send it to torch
     _require(backend, device)
     q, k, v, kw = _build("padding", 3, 2, 9, 26, torch.float32, device)
-    if backend != "triton":
+    if backend not in ("triton", "cuda"):  # the CUDA kernels pad D to 32/64/128; the cpu ones do not
         with pytest.raises(backends.BackendUnavailableError, match="head dim 26"):
             with fastbert.use_backend(backend):
                 attention(q, k, v, **kw)
