@@ -96,6 +96,11 @@ def _extensions():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility-inlines-hidden",
                  "-DFASTBERT_WITH_CUDA=%d" % int(want_cuda)] + _cpu_simd_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # libstdc++ as a shared library, named explicitly so it is found before any static copy a compiler
+    # driver may add (on the H100 image, /opt/gcc/bin/g++ linked libstdc++'s locale code into _C; with
+    # Python's -Bsymbolic-functions, formatting an integer in an error message then crashed; see
+    # csrc/message.h, which no longer depends on that). Harmless where the default is already shared.
+    libraries = ["stdc++"]
     if want_cuda:
         archs = os.environ.get("FASTBERT_CUDA_ARCHS", "80;90a")
         # no --use_fast_math: it swaps erf/exp/division for approximations, and fastbert is exact
@@ -106,10 +111,11 @@ def _extensions():
             sources=cpp_sources + cuda_bindings + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            libraries=libraries,
         )
     else:
         ext = CppExtension("fastbert._C", sources=cpp_sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx_flags})
+                           extra_compile_args={"cxx": cxx_flags}, libraries=libraries)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

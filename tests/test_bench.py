@@ -249,3 +249,15 @@ def test_bad_arguments_are_rejected(tmp_path):
         main(["--device", "cpu", "--ops", "softmax", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--modes"):
         main(["--device", "cpu", "--modes", "serve", "--out", str(tmp_path)])
+
+
+def test_rows_are_checkpointed_while_the_run_goes():
+    # a run stopped by a time limit keeps what it measured: rows are saved as they come
+    from fastbert.bench.__main__ import _CheckpointedRows
+
+    saved = []
+    rows = _CheckpointedRows(lambda done: saved.append(list(done)), every_s=0.0)
+    rows.append({"a": 1})
+    rows.append({"a": 2})
+    assert saved == [[{"a": 1}], [{"a": 1}, {"a": 2}]]
+    assert list(rows) == [{"a": 1}, {"a": 2}]

@@ -107,7 +107,7 @@ void add_bias_row(const at::Tensor& bias, const char* row, int64_t stride, const
     case at::kDouble: add_bias_typed(reinterpret_cast<const double*>(row), stride, kidx, n, dst); break;
     case at::kHalf: add_bias_typed(reinterpret_cast<const at::Half*>(row), stride, kidx, n, dst); break;
     case at::kBFloat16: add_bias_typed(reinterpret_cast<const at::BFloat16*>(row), stride, kidx, n, dst); break;
-    default: TORCH_CHECK(false, "fastbert::attention: attn_bias dtype ", bias.scalar_type(), " is not supported");
+    default: TORCH_CHECK(false, ::fastbert::msg::cat("fastbert::attention: attn_bias dtype ", bias.scalar_type(), " is not supported"));
   }
 }
 

@@ -16,6 +16,8 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "message.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -38,7 +40,8 @@ constexpr int64_t kVec = Vec::size();
                                    AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
                                        AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-#define FB_CHECK(cond, op, ...) TORCH_CHECK(cond, "fastbert::", op, ": ", __VA_ARGS__)
+// the message is built by fastbert::msg::cat (csrc/message.h), never by TORCH_CHECK's ostream
+#define FB_CHECK(cond, op, ...) TORCH_CHECK(cond, ::fastbert::msg::cat("fastbert::", op, ": ", __VA_ARGS__))
 
 inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
   FB_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor, got device ", t.device());

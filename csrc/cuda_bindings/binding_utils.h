@@ -20,13 +20,15 @@
 #include <vector>
 
 #include "cuda/launchers.h"
+#include "message.h"
 
 namespace fastbert {
 namespace cuda_bindings {
 
 using fastbert::cuda::DType;
 
-#define FB_CUDA_CHECK(cond, op, ...) TORCH_CHECK(cond, "fastbert::", op, " (cuda): ", __VA_ARGS__)
+// the message is built by fastbert::msg::cat (csrc/message.h), never by TORCH_CHECK's ostream
+#define FB_CUDA_CHECK(cond, op, ...) TORCH_CHECK(cond, ::fastbert::msg::cat("fastbert::", op, " (cuda): ", __VA_ARGS__))
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -110,7 +112,7 @@ inline int sm_count(const at::Tensor& t) {
   if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
   int n = 0;
   const cudaError_t e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  TORCH_CHECK(e == cudaSuccess, "fastbert (cuda): cudaDeviceGetAttribute failed: ", cudaGetErrorString(e));
+  TORCH_CHECK(e == cudaSuccess, ::fastbert::msg::cat("fastbert (cuda): cudaDeviceGetAttribute failed: ", cudaGetErrorString(e)));
   if (dev >= 0 && dev < 64) cache[dev] = n;
   return n;
 }

@@ -426,6 +426,22 @@ def run_ops(args, device, env, rows, bar) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+class _CheckpointedRows(list):
+    """The run's rows; every few seconds also written to results.json (env "partial": true), so a run
+    stopped by a time limit keeps what it measured (`python -m fastbert.bench.report --rewrite DIR`
+    then makes results.md and the plots from it)."""
+
+    def __init__(self, save, every_s: float = 5.0):
+        super().__init__()
+        self._save, self._every, self._last = save, every_s, time.time()
+
+    def append(self, row) -> None:
+        super().append(row)
+        if time.time() - self._last >= self._every:
+            self._save(self)
+            self._last = time.time()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -478,7 +494,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_models = 0 if args.no_models else (len(args.models) * len(args.dtypes) * len(provs)
                                         * len(args.batch) * len(args.seq) * (1 if args.no_varlen else 2)
                                         * len(args.modes))
-    rows: List[dict] = []
+    rows: List[dict] = _CheckpointedRows(lambda done: R.write_json(
+        json_path, dict(env, partial=True, wall_s=round(time.time() - t0, 1)), old_rows + list(done)))
     with tqdm(total=n_models + op_jobs(args), desc="fastbert.bench", unit="case", dynamic_ncols=True) as bar:
         if not args.no_models:
             run_models(args, device, env, rows, bar)
@@ -490,7 +507,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         groups = {_row_key(r)[:5] for r in rows}
         old_rows = [r for r in old_rows if _row_key(r) not in full
                     and not (r["batch"] is None and _row_key(r)[:5] in groups)]
-    rows = old_rows + rows
+    rows = old_rows + list(rows)
+    env.pop("partial", None)
 
     plots = [] if args.no_plots else R.write_plots(args.out, rows)
     R.write_json(json_path, env, rows)
