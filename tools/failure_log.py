@@ -4,6 +4,7 @@ import os
 
 
 def pytest_runtest_logreport(report):
-    if report.failed:
+    # under xdist the controller receives every worker's reports: write them there only, once
+    if report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(os.environ.get("FAILURE_LOG", "failures.log"), "a") as f:
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
