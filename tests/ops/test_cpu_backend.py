@@ -424,3 +424,31 @@ def test_results_do_not_depend_on_thread_count():
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             else:
                 assert torch.equal(a, b), f"{name} output {i}: results differ between 1 and 2 threads"
+
+
+def test_attention_backward_large_logsumexp():
+    # Scores around 30 (a constant bias on every key): lse's own fp32 rounding would scale each row's
+    # recomputed probabilities if the backward used exp(s - lse) alone; the cpu kernel renormalizes
+    # the rows in fp32 (csrc/cpu/attention.cpp). Measured on this case before that change: dk 1.8x
+    # PyTorch's fp32 error (inside the k = 2 rule, so the rule alone would not notice); after it, within
+    # 1.5x, the k used here.
+    from fastbert.ops.attention import attention
+
+    torch.manual_seed(0)
+    B, S, H, D = 2, 128, 2, 64
+    q, k = (torch.randn(B, S, H, D, dtype=torch.float64) * 1.5 for _ in range(2))
+    bias = (torch.randn(1, 1, 1, S, dtype=torch.float64) + 30.0).expand(B, H, S, S)
+    v, g = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(2))
+
+    def run(fn, dtype):
+        qs, ks, vs = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = fn(qs, ks, vs, attn_bias=bias.to(dtype))
+        out.backward(g.to(dtype))
+        return qs.grad, ks.grad, vs.grad
+
+    want = run(reference.attention, torch.float64)
+    yard = run(reference.attention, torch.float32)
+    with fastbert.use_backend("cpu"):
+        got = run(attention, torch.float32)
+    for name, a, y, w in zip(("dq", "dk", "dv"), got, yard, want):
+        assert_no_worse(f"cpu attention {name} at lse ~ 30", a, y, w, k=1.5)
