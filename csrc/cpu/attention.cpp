@@ -317,40 +317,57 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
   std::vector<float> Pm(BQ * BK), dP(BQ * BK), PzT(BK * BQ), dST(BK * BQ), z(BK);
   const float inf = std::numeric_limits<float>::infinity();
 
-  // fp32: P recomputed as exp(s - lse) carries lse's own rounding, |lse| * 2^-24, as one relative
-  // error shared by the whole row: 4x PyTorch's softmax error at |lse| ~ 10, 7x at 50 (measured on
-  // random scores; it is the known gap of a real checkpoint's gradients). A first pass sums each row's
-  // recomputed P (exactly 1 in exact arithmetic) and the main pass divides by that sum, which removes
-  // the shared factor. It costs one more Q K^T and exponential per score; 16-bit inputs, whose own
-  // rounding is far larger, skip it.
+  // fp32: two corrections from a first pass over the keys, at the cost of two more GEMMs (Q K^T and
+  // dO V^T) and one more exponential per score; 16-bit inputs, whose own rounding is far larger,
+  // skip it.
+  // (1) P recomputed as exp(s - lse) carries lse's own rounding, |lse| * 2^-24, as one relative error
+  //     shared by the whole row: 4x PyTorch's softmax error at |lse| ~ 10 (measured on random
+  //     scores). The pass sums each row's recomputed P (1 in exact arithmetic) and the main pass
+  //     divides by that sum.
+  // (2) Delta_i = dO_i . out_i reads the rounded stored output and, with an outlier feature in dO,
+  //     cancels differently from PyTorch's softmax backward, which forms sum_j P_ij dP_ij from the dP
+  //     it also uses for dS (dq 1.8x PyTorch's error with one dO feature 1000x the rest, measured).
+  //     The pass forms Delta_i that same way.
   std::vector<float> inv_r(nq, 1.f);
   if (std::is_same<T, float>::value) {
-    std::vector<double> rsum(nq, 0.0);
+    std::vector<double> rsum(nq, 0.0), pdp(nq, 0.0);
     for (int64_t kb = 0; kb < nk; kb += BK) {
       const int64_t width = std::min(BK, nkp - kb), nv = std::min(BK, nk - kb);
       const int64_t qstart = P.causal ? (kidx[kb] / BQ) * BQ : 0;
       for (int64_t q0 = qstart; q0 < nq; q0 += BQ) {
         const int64_t qn = std::min(BQ, nq - q0);
         gemm_f32(qn, width, D, Q.data() + q0 * Dp, Dp, Kt.data() + kb, nkp, Pm.data(), BK, P.scale, false);
+        gemm_f32(qn, width, D, dO.data() + q0 * Dp, Dp, Vt.data() + kb, nkp, dP.data(), BK, 1.f, false);
         for (int64_t r = 0; r < qn; ++r) {
           const int64_t i = q0 + r;
           if (lse[i] == inf) continue;
           float* p = Pm.data() + r * BK;
+          float* dp = dP.data() + r * BK;
           P.mask_row(b, h, i, kidx.data() + kb, nv, width, p);
+          if (P.drop.on) {
+            P.dropout_row(b, h, i, kidx.data() + kb, nv, z.data());
+            for (int64_t c = 0; c < nv; ++c) dp[c] *= z[c];
+          }
+          // the main pass's exponential, so the sum matches the P it divides
           const Vec vl(lse[i]);
-          Vec acc(0.f);
           for (int64_t c = 0; c < width; c += kVec)
-            acc = acc + exp_fast(at::vec::minimum(Vec::loadu(p + c) - vl, Vec(0.f)));
-          float lanes[kVec];
-          acc.store(lanes);
-          double t = 0.0;
-          for (int64_t u = 0; u < kVec; ++u) t += lanes[u];
+            exp_fast(at::vec::minimum(Vec::loadu(p + c) - vl, Vec(0.f))).store(p + c);
+          double t = 0.0, u = 0.0;
+          for (int64_t c = 0; c < nv; ++c) {
+            t += p[c];
+            u += static_cast<double>(p[c]) * dp[c];
+          }
           rsum[i] += t;
+          pdp[i] += u;
         }
       }
     }
-    for (int64_t i = 0; i < nq; ++i)
-      if (rsum[i] > 0.0) inv_r[i] = static_cast<float>(1.0 / rsum[i]);
+    for (int64_t i = 0; i < nq; ++i) {
+      if (rsum[i] > 0.0) {
+        inv_r[i] = static_cast<float>(1.0 / rsum[i]);
+        delta[i] = static_cast<float>(pdp[i] / rsum[i]);
+      }
+    }
   }
 
   for (int64_t kb = 0; kb < nk; kb += BK) {
