@@ -13,6 +13,7 @@
 #include "cpu/common.h"
 
 #include <type_traits>
+#include <utility>
 
 namespace fastbert {
 namespace cpu {
@@ -27,58 +28,51 @@ struct RowInputs {
   Dropout drop;
 };
 
-// Row statistics are summed in fp32 vectors over blocks of kBlock * kVec elements, and the block totals
-// in double. One fp32 accumulator per lane over a whole row (n / kVec sequential adds) lost up to 3x
-// PyTorch's accuracy on real checkpoints, whose rows hold outliers of |h| ~ 200 next to values ~ 1
-// (measured on all-MiniLM-L6-v2); the blocked sum costs one horizontal add per block.
-constexpr int64_t kBlock = 8;
+// One row's inputs as fp32 pointers: x and residual point into the tensors (fp32) or into scratch rows
+// converted from 16-bit storage; z holds the row's dropout factors or is nullptr.
+struct Row {
+  const float* x;
+  const float* res;  // nullptr: no residual
+  const float* xb;   // nullptr: no x_bias
+  const float* z;    // nullptr: no dropout
+};
 
-inline double hsum_double(const Vec& v) {
-  float lanes[kVec];
-  v.store(lanes);
-  double t = 0.0;
-  for (int64_t i = 0; i < kVec; ++i) t += lanes[i];
-  return t;
+// h = dropout(x + x_bias) + residual, lanes j..j+c
+inline Vec pre_norm(const Row& r, int64_t j, int64_t c) {
+  Vec a = Vec::loadu(r.x + j, c);
+  if (r.xb != nullptr) a = a + Vec::loadu(r.xb + j, c);
+  if (r.z != nullptr) a = a * Vec::loadu(r.z + j, c);
+  if (r.res != nullptr) a = a + Vec::loadu(r.res + j, c);
+  return a;
 }
 
-// h = dropout(x + x_bias) + residual for row r, in fp32, in one fused vector sweep; returns sum(h).
-// z receives the dropout factors (if on); rbuf is scratch for a 16-bit residual row.
-template <typename T>
-inline double build_row(const RowInputs& in, int64_t r, const T* x, const T* res, float* h, float* z, float* rbuf) {
-  const int64_t n = in.n;
-  const float* xs;
-  const float* rs = nullptr;
-  if constexpr (std::is_same<T, float>::value) {
-    xs = x + r * n;
-    if (res != nullptr) rs = res + r * n;
-  } else {
-    to_f32(x + r * n, h, n);
-    xs = h;
-    if (res != nullptr) {
-      to_f32(res + r * n, rbuf, n);
-      rs = rbuf;
-    }
-  }
-  if (in.drop.on) in.drop.factors(static_cast<uint64_t>(r) * n, n, z);
-  Vec sum(0.f);
-  double total = 0.0;
-  int64_t in_block = 0;
-  for (int64_t j = 0; j < n; j += kVec) {
-    const int64_t c = std::min<int64_t>(kVec, n - j);
-    Vec a = Vec::loadu(xs + j, c);
-    if (in.xb != nullptr) a = a + Vec::loadu(in.xb + j, c);
-    if (in.drop.on) a = a * Vec::loadu(z + j, c);
-    if (rs != nullptr) a = a + Vec::loadu(rs + j, c);
-    a.store(h + j, c);
-    sum = sum + a;  // lanes past c are zero (loadu with a count zero-fills)
-    if (++in_block == kBlock) {
-      total += hsum_double(sum);
-      sum = Vec(0.f);
-      in_block = 0;
-    }
-  }
-  return total + hsum_double(sum);
+// Forward of one row: h into scratch (it stays in L1), mean and variance from it (the variance as
+// sum((h - mean)^2), not the cancellation-prone E[h^2] - mean^2), then y. Returns {mean, rstd}.
+inline std::pair<float, float> fwd_row(const Row& r, int64_t n, const float* __restrict w,
+                                       const float* __restrict b, float eps, float* __restrict h,
+                                       float* __restrict y) {
+  const float mean = static_cast<float>(blocked_vsum(n, [&](int64_t j, int64_t c) {
+                                          const Vec a = pre_norm(r, j, c);
+                                          a.store(h + j, c);
+                                          return a;  // zero past c
+                                        }) / n);
+  const Vec vm(mean), zero(0.f);
+  const double var_sum = blocked_vsum(n, [&](int64_t j, int64_t c) {
+    const Vec d = Vec::loadu(h + j) - vm;  // h has room for whole vectors (see scratch_len)
+    return Vec::set(zero, d * d, c);
+  });
+  const float rstd = 1.f / std::sqrt(static_cast<float>(var_sum / n) + eps);
+  const Vec vr(rstd);
+  for_vecs(n, [&](int64_t j, int64_t c) {
+    Vec o = (Vec::loadu(h + j) - vm) * vr * Vec::loadu(w + j, c);
+    if (b != nullptr) o = o + Vec::loadu(b + j, c);
+    o.store(y + j, c);
+  });
+  return {mean, rstd};
 }
+
+// fp32 scratch rows are padded to whole vectors, so passes over scratch may load whole vectors
+inline int64_t scratch_len(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 
 template <typename T>
 void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, const float* w, const float* b,
@@ -87,44 +81,63 @@ void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, con
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     constexpr bool kF32 = std::is_same<T, float>::value;
-    std::vector<float> h(n), z(in.drop.on ? n : 0), y(kF32 ? 0 : n), rbuf(kF32 ? 0 : n);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float mean = static_cast<float>(build_row(in, r, x, res, h.data(), z.data(), rbuf.data()) / n);
-      Vec vm(mean), acc(0.f);
-      double var_sum = 0.0;
-      int64_t j = 0, in_block = 0;
-      for (; j + kVec <= n; j += kVec) {
-        Vec d = Vec::loadu(h.data() + j) - vm;
-        acc = at::vec::fmadd(d, d, acc);
-        if (++in_block == kBlock) {
-          var_sum += hsum_double(acc);
-          acc = Vec(0.f);
-          in_block = 0;
+    const int64_t len = scratch_len(n);
+    std::vector<float> h(len, 0.f), z(in.drop.on ? n : 0), y(kF32 ? 0 : n), xbuf(kF32 ? 0 : n), rbuf(kF32 ? 0 : n);
+    for (int64_t i = r0; i < r1; ++i) {
+      Row row{nullptr, nullptr, in.xb, in.drop.on ? z.data() : nullptr};
+      if constexpr (kF32) {
+        row.x = x + i * n;
+        if (res != nullptr) row.res = res + i * n;
+      } else {
+        to_f32(x + i * n, xbuf.data(), n);
+        row.x = xbuf.data();
+        if (res != nullptr) {
+          to_f32(res + i * n, rbuf.data(), n);
+          row.res = rbuf.data();
         }
       }
-      for (; j < n; ++j) {
-        const float d = h[j] - mean;
-        var_sum += static_cast<double>(d) * d;
-      }
-      const float var = static_cast<float>((var_sum + hsum_double(acc)) / n);
-      const float rstd = 1.f / std::sqrt(var + static_cast<float>(eps));
-      Vec vr(rstd);
+      if (in.drop.on) in.drop.factors(static_cast<uint64_t>(i) * n, n, z.data());
       float* yr;
       if constexpr (kF32) {
-        yr = out + r * n;  // fp32 output is written directly
+        yr = out + i * n;  // fp32 output is written directly
       } else {
         yr = y.data();
       }
-      for (j = 0; j < n; j += kVec) {
-        const int64_t c = std::min<int64_t>(kVec, n - j);
-        Vec o = (Vec::loadu(h.data() + j, c) - vm) * vr * Vec::loadu(w + j, c);
-        if (b != nullptr) o = o + Vec::loadu(b + j, c);
-        o.store(yr + j, c);
-      }
-      if constexpr (!kF32) from_f32(y.data(), out + r * n, n);
-      mean_out[r] = mean;
-      rstd_out[r] = rstd;
+      const auto stats = fwd_row(row, n, w, b, static_cast<float>(eps), h.data(), yr);
+      if constexpr (!kF32) from_f32(y.data(), out + i * n, n);
+      mean_out[i] = stats.first;
+      rstd_out[i] = stats.second;
     }
+  });
+}
+
+// Backward of one row. Pass 1 rebuilds h, forms xhat and wg (kept in scratch), the two row means and
+// the weight/bias column partials; pass 2 writes dL/dh (and its dropout-masked copy).
+inline void bwd_row(const Row& r, const float* __restrict g, int64_t n, const float* __restrict w, float mu,
+                    float rs, float* __restrict xh, float* __restrict wgs, float* __restrict gpre,
+                    float* __restrict gx, float* __restrict pw, float* __restrict pb, float* __restrict pxb) {
+  const Vec vmu(mu), vrs(rs);
+  double sums[2];
+  blocked_vsums<2>(n, sums, [&](int64_t j, int64_t c, Vec* acc) {
+    const Vec xhat = (pre_norm(r, j, c) - vmu) * vrs;
+    const Vec gv = Vec::loadu(g + j, c);  // zero past c, so wg and the partials get nothing there
+    const Vec wg = gv * Vec::loadu(w + j, c);
+    xhat.store(xh + j);  // scratch: whole vectors
+    wg.store(wgs + j);
+    acc[0] = acc[0] + wg;
+    acc[1] = at::vec::fmadd(wg, xhat, acc[1]);
+    at::vec::fmadd(gv, xhat, Vec::loadu(pw + j, c)).store(pw + j, c);
+    (Vec::loadu(pb + j, c) + gv).store(pb + j, c);
+  });
+  const Vec c1(static_cast<float>(sums[0] / n)), c2(static_cast<float>(sums[1] / n));
+  for_vecs(n, [&](int64_t j, int64_t c) {
+    Vec d = vrs * (Vec::loadu(wgs + j) - c1 - Vec::loadu(xh + j) * c2);
+    d.store(gpre + j, c);
+    if (r.z != nullptr) {
+      d = d * Vec::loadu(r.z + j, c);
+      d.store(gx + j, c);
+    }
+    if (pxb != nullptr) (Vec::loadu(pxb + j, c) + d).store(pxb + j, c);
   });
 }
 
@@ -135,7 +148,11 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
   const int64_t n = in.n;
   const int64_t nblk = (rows + block - 1) / block;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> h(n), z(in.drop.on ? n : 0), gf(n), d(n), rbuf(n);
+    constexpr bool kF32 = std::is_same<T, float>::value;
+    const int64_t len = scratch_len(n);
+    std::vector<float> xh(len), wgs(len), z(in.drop.on ? n : 0);
+    std::vector<float> xbuf(kF32 ? 0 : n), rbuf(kF32 ? 0 : n), gbuf(kF32 ? 0 : n), pre(kF32 ? 0 : n),
+        gxb(kF32 || !in.drop.on ? 0 : n);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* pw = part_w + blk * n;
       float* pb = part_b + blk * n;
@@ -144,53 +161,33 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
       std::fill(pb, pb + n, 0.f);
       if (pxb != nullptr) std::fill(pxb, pxb + n, 0.f);
       const int64_t rend = std::min(rows, (blk + 1) * block);
-      for (int64_t r = blk * block; r < rend; ++r) {
-        build_row(in, r, x, res, h.data(), z.data(), rbuf.data());
-        to_f32(g + r * n, gf.data(), n);
-        const float mu = mean[r], rs = rstd[r];
-        // h <- xhat; d <- wg; accumulate the two row means and the column partials
-        Vec vmu(mu), vrs(rs), s1(0.f), s2(0.f);
-        double t1 = 0.0, t2 = 0.0;  // blocked sums, as in the forward statistics
-        int64_t j = 0, in_block = 0;
-        for (; j + kVec <= n; j += kVec) {
-          Vec xhat = (Vec::loadu(h.data() + j) - vmu) * vrs;
-          Vec gv = Vec::loadu(gf.data() + j);
-          Vec wg = gv * Vec::loadu(w + j);
-          xhat.store(h.data() + j);
-          wg.store(d.data() + j);
-          s1 = s1 + wg;
-          s2 = at::vec::fmadd(wg, xhat, s2);
-          at::vec::fmadd(gv, xhat, Vec::loadu(pw + j)).store(pw + j);
-          (Vec::loadu(pb + j) + gv).store(pb + j);
-          if (++in_block == kBlock) {
-            t1 += hsum_double(s1);
-            t2 += hsum_double(s2);
-            s1 = Vec(0.f);
-            s2 = Vec(0.f);
-            in_block = 0;
+      for (int64_t i = blk * block; i < rend; ++i) {
+        Row row{nullptr, nullptr, in.xb, in.drop.on ? z.data() : nullptr};
+        const float* gr;
+        float *gp, *gxr = nullptr;
+        if constexpr (kF32) {
+          row.x = x + i * n;
+          if (res != nullptr) row.res = res + i * n;
+          gr = g + i * n;
+          gp = grad_pre + i * n;
+          if (in.drop.on) gxr = grad_x + i * n;
+        } else {
+          to_f32(x + i * n, xbuf.data(), n);
+          row.x = xbuf.data();
+          if (res != nullptr) {
+            to_f32(res + i * n, rbuf.data(), n);
+            row.res = rbuf.data();
           }
+          to_f32(g + i * n, gbuf.data(), n);
+          gr = gbuf.data();
+          gp = pre.data();
+          if (in.drop.on) gxr = gxb.data();
         }
-        for (; j < n; ++j) {
-          const float xhat = (h[j] - mu) * rs;
-          const float wg = gf[j] * w[j];
-          h[j] = xhat;
-          d[j] = wg;
-          t1 += wg;
-          t2 += wg * xhat;
-          pw[j] += gf[j] * xhat;
-          pb[j] += gf[j];
-        }
-        t1 += hsum_double(s1);
-        t2 += hsum_double(s2);
-        const float c1 = static_cast<float>(t1 / n), c2 = static_cast<float>(t2 / n);
-        for (j = 0; j < n; ++j) d[j] = rs * (d[j] - c1 - h[j] * c2);
-        from_f32(d.data(), grad_pre + r * n, n);
-        if (in.drop.on) {
-          for (j = 0; j < n; ++j) d[j] *= z[j];
-          from_f32(d.data(), grad_x + r * n, n);
-        }
-        if (pxb != nullptr) {
-          for (j = 0; j < n; ++j) pxb[j] += d[j];
+        if (in.drop.on) in.drop.factors(static_cast<uint64_t>(i) * n, n, z.data());
+        bwd_row(row, gr, n, w, mean[i], rstd[i], xh.data(), wgs.data(), gp, gxr, pw, pb, pxb);
+        if constexpr (!kF32) {
+          from_f32(pre.data(), grad_pre + i * n, n);
+          if (in.drop.on) from_f32(gxb.data(), grad_x + i * n, n);
         }
       }
     }
