@@ -23,7 +23,7 @@ GPU = DEVICE.type == "cuda"
 # BERT-base shapes: (batch, seq); a GPU gets a latency-sized and a throughput-sized one
 SHAPES = [(8, 512), (32, 128)] if GPU else [(1, 128)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if GPU else [torch.float32]
-MODES = ["fwd", "bwd"]
+MODES = list(O.MODES)
 HIDDEN, _, HEADS, INTER = M.CONFIGS["bert-base"]
 
 if GPU:  # fp32 is IEEE fp32, as in the runner
@@ -76,8 +76,7 @@ def test_op(benchmark, op, provider, mode, dtype, batch, seq, varlen):
     benchmark.pedantic(run, warmup_rounds=3, rounds=int(os.environ.get("FASTBERT_BENCH_ROUNDS", 20 if GPU else 5)),
                        iterations=1)
     median_s = benchmark.stats.stats.median
-    flops = case.flops_fwd if mode == "fwd" else case.flops_bwd
-    nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd
+    flops, nbytes = case.flops(mode), case.nbytes(mode)
     if flops:
         benchmark.extra_info["tflops"] = flops / median_s / 1e12
     if nbytes:

@@ -34,7 +34,7 @@ def quick_run(tmp_path_factory):
         rc = main(["--quick", "--device", "cpu", "--threads", "1", "--models", "bert-tiny", "--batch", "2", "--seq", "16",
                    "--providers", "hf-eager,hf-sdpa,hf-sdpa-compile,fastbert,fastbert-triton",
                    "--ops", "add_layer_norm,attention", "--op-model", "bert-tiny", "--op-batch", "1",
-                   "--op-seq", "16", "--op-modes", "fwd,bwd", "--out", str(out)])
+                   "--op-seq", "16", "--op-modes", "fwd,bwd,fwd+bwd", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -59,7 +59,7 @@ def test_results_json_schema(quick_run):
         assert set(r) == ISSUE_ROW_KEYS | {"status", "reason"}, r
         assert r["kind"] in ("model", "op")
         assert r["status"] in R.STATUSES
-        assert r["mode"] in ("infer", "train", "fwd", "bwd")
+        assert r["mode"] in ("infer", "train", "fwd", "bwd", "fwd+bwd")
     kinds = {(r["kind"], r["name"]) for r in rows}
     assert kinds == {("model", "bert-tiny"), ("op", "add_layer_norm"), ("op", "attention")}
 
@@ -73,7 +73,7 @@ def test_measured_rows_are_sane(quick_run):
         assert ("model", p, False) in providers and ("model", p, True) in providers
     assert ("op", "torch-add+layer_norm", False) in providers
     assert ("op", "torch-sdpa-math", True) in providers
-    assert {r["mode"] for r in ok if r["kind"] == "op"} == {"fwd", "bwd"}
+    assert {r["mode"] for r in ok if r["kind"] == "op"} == {"fwd", "bwd", "fwd+bwd"}
     for r in ok:
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["median_ms"] > 0 and r["tokens_per_s"] > 0
@@ -175,7 +175,7 @@ def test_quick_run_on_gpu(tmp_path):
                "--providers", "hf-sdpa,hf-sdpa-compile,fastbert,fastbert-triton,fastbert-triton-padded,"
                "fastbert-triton-cudagraph",
                "--ops", "attention,add_layer_norm", "--op-model", "bert-tiny", "--op-batch", "2",
-               "--op-seq", "64", "--op-modes", "fwd,bwd", "--out", str(tmp_path)])
+               "--op-seq", "64", "--op-modes", "fwd,bwd,fwd+bwd", "--out", str(tmp_path)])
     assert rc == 0
     with open(tmp_path / "results.json") as f:
         data = json.load(f)
@@ -193,7 +193,7 @@ def test_quick_run_on_gpu(tmp_path):
     train_graph = rows[("model", "bert-tiny", "fastbert-triton-cudagraph", "train", False)]
     assert train_graph["status"] == "skipped" and "inference only" in train_graph["reason"]
     for prov in ("fastbert-triton", "fastbert-triton-packed", "torch-sdpa-math"):
-        for mode in ("fwd", "bwd"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
             assert rows[("op", "attention", prov, mode, True)]["status"] == "ok"
     assert rows[("op", "attention", "torch-sdpa-flash", "fwd", True)]["status"] == "skipped"  # no masks
 

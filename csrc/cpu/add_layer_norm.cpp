@@ -267,7 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
 
   const int64_t block = reduce_block_rows(rows);
   const int64_t nblk = (rows + block - 1) / block;
-  std::vector<float> part_w(nblk * n), part_b(nblk * n), part_xb(has(x_bias) ? nblk * n : 0);
+  auto part_w = scratch_f32(nblk * n), part_b = scratch_f32(nblk * n);
+  auto part_xb = has(x_bias) ? scratch_f32(nblk * n) : nullptr;
   if (rows > 0) {
     const std::vector<float> w = vector_f32(weight), xb = vector_f32(x_bias);
     RowInputs in{n, xb.empty() ? nullptr : xb.data(), Dropout(dropout_p, s)};
@@ -275,14 +276,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
       bwd_kernel<scalar_t>(in, rows, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                            has(residual) ? residual->data_ptr<scalar_t>() : nullptr, w.data(),
                            mean.data_ptr<float>(), rstd.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
-                           drop ? grad_x.data_ptr<scalar_t>() : nullptr, part_w.data(), part_b.data(),
-                           part_xb.empty() ? nullptr : part_xb.data(), block);
+                           drop ? grad_x.data_ptr<scalar_t>() : nullptr, part_w.get(), part_b.get(),
+                           part_xb.get(), block);
     });
   }
   std::vector<float> gw(n), gb(n), gxb(has(x_bias) ? n : 0);
-  sum_partials(part_w.data(), rows > 0 ? nblk : 0, n, gw.data());
-  sum_partials(part_b.data(), rows > 0 ? nblk : 0, n, gb.data());
-  if (has(x_bias)) sum_partials(part_xb.data(), rows > 0 ? nblk : 0, n, gxb.data());
+  sum_partials(part_w.get(), rows > 0 ? nblk : 0, n, gw.data());
+  sum_partials(part_b.get(), rows > 0 ? nblk : 0, n, gb.data());
+  if (has(x_bias)) sum_partials(part_xb.get(), rows > 0 ? nblk : 0, n, gxb.data());
   at::Tensor grad_w = tensor_from_f32(gw, {n}, weight.scalar_type());
   at::Tensor grad_b = has(bias) ? tensor_from_f32(gb, {n}, bias->scalar_type()) : no_output(weight.scalar_type());
   at::Tensor grad_xb = has(x_bias) ? tensor_from_f32(gxb, {n}, xb_dtype) : no_output(x.scalar_type());

@@ -311,12 +311,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
   at::Tensor grad_pre = at::empty({m, n}, x.options().dtype(f32 ? at::kFloat : x.scalar_type()));
   const int64_t block = reduce_block_rows(m);
   const int64_t nblk = (m + block - 1) / block;
-  std::vector<float> part(has(bias) ? nblk * n : 0);
+  auto part = has(bias) ? scratch_f32(nblk * n) : nullptr;
   FB_DISPATCH(x.scalar_type(), kLgBwd, [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* pp = pre_src.data_ptr<scalar_t>();
     const float* bp = b.empty() ? nullptr : b.data();
-    float* partp = part.empty() ? nullptr : part.data();
+    float* partp = part.get();
     if (f32)
       run_gelu_grad<scalar_t, float>(tanh, gp, pp, bp, m, n, grad_pre.data_ptr<float>(), partp, block);
     else
@@ -332,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
   at::Tensor grad_b = no_output(x.scalar_type());
   if (has(bias)) {
     std::vector<float> gb(n);
-    sum_partials(part.data(), nblk, n, gb.data());
+    sum_partials(part.get(), nblk, n, gb.data());
     grad_b = tensor_from_f32(gb, {n}, bias_dtype);
   }
   return {grad_x, grad_w, grad_b};

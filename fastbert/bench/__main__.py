@@ -6,9 +6,9 @@ DIR/results.md and PNG plots. Defaults depend on the device:
 
   GPU  models bert-base, bert-large, minilm-l6; B in {1, 8, 32, 128} x S in {128, 256, 512} plus
        a varlen workload per shape; modes infer, train; dtypes float16, bfloat16, float32;
-       ops at BERT-base shapes on the same grid, fwd and bwd.
+       ops at BERT-base shapes on the same grid, modes fwd, bwd and fwd+bwd.
   CPU  models bert-base, minilm-l6; B in {1, 8}, S = 128 (+ varlen); infer; float32;
-       ops at BERT-base shapes, B in {1, 8}, S = 128, fwd and bwd.
+       ops at BERT-base shapes, B in {1, 8}, S = 128, modes fwd, bwd and fwd+bwd.
   --quick  GPU: bert-base and minilm-l6, B = 8, S in {128, 512}, bfloat16, infer + train, no compile.
            CPU: minilm-l6 and bert-base, B = 1, S = 128, infer, float32, no torch.compile; ops fwd.
 Every option overrides the default it names.
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-model", default="bert-base", help="whose shapes the op-level cases use (default bert-base)")
     p.add_argument("--op-batch", type=_ints, default=None, help="op-level batch sizes (default: --batch)")
     p.add_argument("--op-seq", type=_ints, default=None, help="op-level sequence lengths (default: --seq)")
-    p.add_argument("--op-modes", type=_csv, default=None, help="fwd,bwd")
+    p.add_argument("--op-modes", type=_csv, default=None, help="fwd,bwd,fwd+bwd (bwd: the backward alone; fwd+bwd: forward with autograd, then backward)")
     p.add_argument("--no-models", action="store_true", help="op level only")
     p.add_argument("--append", action="store_true",
                    help="add this run's rows to DIR/results.json of an earlier run on the same device and "
@@ -110,9 +110,10 @@ def _defaults(args, dev: str) -> None:
         args.op_batch = args.batch
     if args.op_seq is None:
         args.op_seq = args.seq
-    if args.op_modes is None:
-        args.op_modes = ["fwd"] if (q and not gpu) else ["fwd", "bwd"]
     from fastbert.bench import opbench, providers
+
+    if args.op_modes is None:
+        args.op_modes = ["fwd"] if (q and not gpu) else list(opbench.MODES)
 
     for name in args.providers or []:
         try:
@@ -126,8 +127,8 @@ def _defaults(args, dev: str) -> None:
         if m not in ("infer", "train"):
             raise SystemExit(f"--modes: unknown mode {m!r} (infer, train)")
     for m in args.op_modes:
-        if m not in ("fwd", "bwd"):
-            raise SystemExit(f"--op-modes: unknown mode {m!r} (fwd, bwd)")
+        if m not in opbench.MODES:
+            raise SystemExit(f"--op-modes: unknown mode {m!r} ({', '.join(opbench.MODES)})")
     for d in args.dtypes:
         if d not in DTYPES:
             raise SystemExit(f"--dtypes: unknown dtype {d!r} (float16, bfloat16, float32)")
@@ -402,9 +403,8 @@ def run_ops(args, device, env, rows, bar) -> None:
                                         case = O.make_case(op, dims, b, s, lengths, dtype, device)
                                     res = O.run_case(case, prov, mode, varlen, device, heads, args.quick)
                                     t = res["timing"]
-                                    flops = case.flops_fwd if mode == "fwd" else case.flops_bwd
-                                    nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd
-                                    fig = R.figures(t, tokens=sum(lengths), flops=flops, nbytes=nbytes, dtype=dname, env=env)
+                                    fig = R.figures(t, tokens=sum(lengths), flops=case.flops(mode),
+                                                    nbytes=case.nbytes(mode), dtype=dname, env=env)
                                     err = res["max_abs_err"]
                                     if not math.isfinite(err):
                                         rows.append(R.make_row(**common, status="error",

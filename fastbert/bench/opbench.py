@@ -11,14 +11,19 @@
   bias_gelu       bias_gelu(x, b) against F.gelu(x + b)
 
 Modes: "fwd" = an inference forward (no autograd graph); "bwd" = the backward alone, replayed from a
-retained graph with a fixed upstream gradient. FLOPs and bytes (minimum traffic, element size e,
+retained graph with a fixed upstream gradient; "fwd+bwd" = what the op costs in a training step: a
+forward that builds the autograd graph, then the backward through it. "bwd" alone favours a
+composition that materializes intermediates in its forward (F.layer_norm(x + r) saves x + r, so its
+backward reads one tensor where fastbert's add_layer_norm, which never writes x + r, re-reads two);
+"fwd+bwd" charges each design for both halves. FLOPs and bytes (minimum traffic, element size e,
 T = B * S tokens, hidden N, intermediate I, valid lengths L_b):
   attention     fwd 4 * H * D * sum L_b^2, bwd 2.5 x fwd (5 matmuls instead of 2)
   linear_gelu   fwd 2 * T * N * I, bwd 4 * T * N * I            (compute-bound: TFLOP/s, % of peak)
   add_layer_norm fwd (x, residual in; out) 3 * T * N * e, bwd (grad_out, x, residual in; grad out) 4 * T * N * e
   bias_gelu     fwd 2 * T * I * e, bwd (grad_out, x in; grad_x out) 3 * T * I * e   (memory-bound: GB/s)
+  fwd+bwd       the sum of the two
 max_abs_err: max |output - float64 reference| (fastbert.reference in float64 on the same inputs) over
-valid tokens; for bwd, over every input gradient (valid tokens; padding queries get a zero upstream
+valid tokens; for bwd and fwd+bwd, over every input gradient (valid tokens; padding queries get a zero upstream
 gradient so every provider's valid-token gradients are defined the same way).
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ from fastbert.bench import providers as P
 from fastbert.bench import timing
 
 OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu")
+MODES = ("fwd", "bwd", "fwd+bwd")
 SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 
@@ -67,6 +73,22 @@ class Case:
     bytes_fwd: Optional[float]
     flops_bwd: Optional[float]
     bytes_bwd: Optional[float]
+
+    def flops(self, mode: str) -> Optional[float]:
+        return _per_mode(mode, self.flops_fwd, self.flops_bwd)
+
+    def nbytes(self, mode: str) -> Optional[float]:
+        return _per_mode(mode, self.bytes_fwd, self.bytes_bwd)
+
+
+def _per_mode(mode: str, fwd: Optional[float], bwd: Optional[float]) -> Optional[float]:
+    if mode == "fwd":
+        return fwd
+    if mode == "bwd":
+        return bwd
+    if mode == "fwd+bwd":
+        return None if fwd is None or bwd is None else fwd + bwd
+    raise ValueError(f"unknown op mode {mode!r} ({', '.join(MODES)})")
 
 
 def _sdpa_backend(name: str):
@@ -281,8 +303,14 @@ def _prepare_packed(case: Case, provider: str, mode: str, device: torch.device):
     (rg,) = torch.autograd.grad(r_out, [r_in], g_pad)
     err = _err(g, rg[valid], None)
 
-    def call(i):
-        torch.autograd.grad(outs[i], [leaves[i]], gouts[i], retain_graph=True)
+    if mode == "bwd":
+        def call(i):
+            torch.autograd.grad(outs[i], [leaves[i]], gouts[i], retain_graph=True)
+    else:  # fwd+bwd: a fresh graph per call
+        del outs
+
+        def call(i):
+            torch.autograd.grad(fn(leaves[i]), [leaves[i]], gouts[i])
     return call, err
 
 
@@ -305,8 +333,8 @@ def _prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.d
         def call(i):
             with torch.no_grad():
                 fn(*_args(case, i, varlen, sdpa))
-    elif mode == "bwd":
-        leaves, outs, gouts = [], [], []
+    elif mode in ("bwd", "fwd+bwd"):
+        args, leaves, outs, gouts = [], [], [], []
         for i in range(n):
             xs = [t.detach().requires_grad_(j in case.grad_idx) for j, t in enumerate(case.sets[i])]
             a = tuple(xs) + _args(case, i, varlen, sdpa)[len(xs):]
@@ -318,6 +346,7 @@ def _prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.d
             vm = _valid_mask(case, o)
             if vm is not None:
                 g = g * vm.to(g.dtype)  # padding queries: zero upstream gradient
+            args.append(a)
             leaves.append([xs[j] for j in case.grad_idx])
             outs.append(o)
             gouts.append(g)
@@ -330,8 +359,14 @@ def _prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.d
         r_grads = torch.autograd.grad(r_out, [r_in[j] for j in case.grad_idx], gouts[0].double())
         err = max(_err(g, rg, _valid_mask(case, g)) for g, rg in zip(grads, r_grads))
 
-        def call(i):
-            torch.autograd.grad(outs[i], leaves[i], gouts[i], retain_graph=True)
+        if mode == "bwd":
+            def call(i):
+                torch.autograd.grad(outs[i], leaves[i], gouts[i], retain_graph=True)
+        else:  # fwd+bwd: a fresh graph per call
+            outs.clear()
+
+            def call(i):
+                torch.autograd.grad(fn(*args[i]), leaves[i], gouts[i])
     else:
         raise ValueError(mode)
     return call, err
