@@ -17,12 +17,14 @@
 // keeps m = -inf: out_i = 0, lse_i = +inf. An attn_bias value below -1e20 masks its key (see
 // kBiasMasked).
 //
-// Backward recomputes P_ij = exp(min(s_ij - lse_i, 0)) (0 for lse = +inf) and, with dO the output gradient,
+// Backward, per block of query rows against all of the (visible) keys at once, recomputes the exact
+// softmax from the scores (row max, exponentials, row sum: the probabilities PyTorch's own softmax
+// backward uses, without lse's rounding) and, with dO the output gradient,
 //   dV_j = sum_i z_ij P_ij dO_i
 //   dP_ij = z_ij dO_i . v_j
-//   dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij = dO_i . out_i
+//   dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij   (= dO_i . out_i, formed as PyTorch does)
 //   dQ_i = scale * sum_j dS_ij k_j,   dK_j = scale * sum_i dS_ij q_i
-// (Delta_i = dO_i . out_i because out_i = sum_j z_ij P_ij v_j.)
+// Five GEMMs, as in PyTorch's math backward. lse and out are accepted (the shared schema) and unused.
 #include "cpu/common.h"
 
 #include <algorithm>
@@ -41,9 +43,11 @@ static_assert(BK % kCol == 0 && BQ > 0, "BK must be a multiple of the GEMM colum
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[MR x N] (+)= alpha * A[MR x K] B[K x N], row-major, unit column stride, N % kCol == 0.
+// C[MR x N] (+)= alpha * op(A)[MR x K] B[K x N], row-major, unit column stride, N % kCol == 0; op(A) is
+// A (element (r, k) at A[r * lda + k]) or, with TransA, A^T (element (r, k) at A[k * lda + r]): the
+// kernel only broadcasts single elements of A, so reading it transposed costs nothing.
 // MR rows x 2 vectors of accumulators stay in registers over the whole K loop.
-template <int MR>
+template <int MR, bool TransA>
 inline void gemm_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                       int64_t ldc, float alpha, bool accumulate) {
   for (int64_t j = 0; j < N; j += kCol) {
@@ -53,7 +57,7 @@ inline void gemm_rows(int64_t N, int64_t K, const float* A, int64_t lda, const f
     for (int64_t k = 0; k < K; ++k, b += ldb) {
       const Vec b0 = Vec::loadu(b), b1 = Vec::loadu(b + kVec);
       for (int r = 0; r < MR; ++r) {
-        const Vec a(A[r * lda + k]);
+        const Vec a(TransA ? A[k * lda + r] : A[r * lda + k]);
         c0[r] = at::vec::fmadd(a, b0, c0[r]);
         c1[r] = at::vec::fmadd(a, b1, c1[r]);
       }
@@ -75,16 +79,33 @@ inline void gemm_rows(int64_t N, int64_t K, const float* A, int64_t lda, const f
   }
 }
 
-void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-              int64_t ldc, float alpha, bool accumulate) {
+template <bool TransA>
+void gemm_f32_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                   int64_t ldc, float alpha, bool accumulate) {
+  // 6 rows x 2 vectors: 12 accumulators + 2 B vectors + 1 broadcast of the 16 AVX2 registers
+  auto a_rows = [&](int64_t i) { return TransA ? A + i : A + i * lda; };
   int64_t i = 0;
-  for (; i + 4 <= M; i += 4) gemm_rows<4>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+  for (; i + 6 <= M; i += 6) gemm_rows<6, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
   switch (M - i) {
-    case 3: gemm_rows<3>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
-    case 2: gemm_rows<2>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
-    case 1: gemm_rows<1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    case 5: gemm_rows<5, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    case 4: gemm_rows<4, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    case 3: gemm_rows<3, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    case 2: gemm_rows<2, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
+    case 1: gemm_rows<1, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
     default: break;
   }
+}
+
+// C = alpha * A B (+ C)
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+              int64_t ldc, float alpha, bool accumulate) {
+  gemm_f32_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, alpha, accumulate);
+}
+
+// C = alpha * A^T B (+ C), A stored [K][M] with row stride lda
+void gemm_f32_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, float alpha, bool accumulate) {
+  gemm_f32_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, alpha, accumulate);
 }
 
 // A bias value below this masks its key exactly like padding (HF's finfo.min additive masks, -inf):
@@ -287,10 +308,16 @@ void fwd_task(const Problem& P, const at::Tensor& q, const at::Tensor& k, const 
   }
 }
 
+// Backward query blocks hold their scores against every key at once: bq x nkp floats per matrix
+// (two: scores/P and dP/dS), at most this many, so they stay in L2.
+constexpr int64_t kBwdScoreFloats = 32768;
+
 template <typename T>
 void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const float* lse_all, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, int64_t b,
               int64_t h) {
+  (void)out;
+  (void)lse_all;
   int64_t start, nq, nk_all;
   P.seq(b, &start, &nq, &nk_all);
   const int64_t D = P.D, Dp = round_up(D, kCol);
@@ -300,127 +327,72 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
   std::vector<float> Kt(D * nkp), Krow(nkp * Dp), Vt(D * nkp), tmp;
   load_keys<T>(P, k, b, start, h, kidx, nkp, Dp, Kt.data(), Krow.data(), tmp);
   load_keys<T>(P, v, b, start, h, kidx, nkp, Dp, Vt.data(), nullptr, tmp);
-  // queries, output gradient (zero padded to Dp), Delta, lse
-  std::vector<float> Q(nq * Dp, 0.f), dO(nq * Dp, 0.f), dQ(nq * Dp, 0.f), delta(nq), lse(nq);
-  std::vector<float> orow(D);
-  const float* lrow = P.lse_row(const_cast<float*>(lse_all), b, start, h);
+  // queries and output gradient, zero padded to Dp
+  std::vector<float> Q(nq * Dp, 0.f), dO(nq * Dp, 0.f), dQ(nq * Dp, 0.f);
   for (int64_t i = 0; i < nq; ++i) {
     to_f32(q.data_ptr<T>() + P.row(q, b, start, h, i), Q.data() + i * Dp, D);
     to_f32(g.data_ptr<T>() + P.row(g, b, start, h, i), dO.data() + i * Dp, D);
-    to_f32(out.data_ptr<T>() + P.row(out, b, start, h, i), orow.data(), D);
-    float acc = 0.f;
-    for (int64_t d = 0; d < D; ++d) acc += dO[i * Dp + d] * orow[d];
-    delta[i] = acc;
-    lse[i] = lrow[i];
   }
   std::vector<float> dK(nkp * Dp, 0.f), dV(nkp * Dp, 0.f);
-  std::vector<float> Pm(BQ * BK), dP(BQ * BK), PzT(BK * BQ), dST(BK * BQ), z(BK);
-  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t bq = std::max<int64_t>(1, std::min<int64_t>(64, kBwdScoreFloats / std::max<int64_t>(nkp, 1)));
+  std::vector<float> S(bq * nkp), dP(bq * nkp), z(nkp);
+  const float ninf = -std::numeric_limits<float>::infinity();
 
-  // fp32: two corrections from a first pass over the keys, at the cost of two more GEMMs (Q K^T and
-  // dO V^T) and one more exponential per score; 16-bit inputs, whose own rounding is far larger,
-  // skip it.
-  // (1) P recomputed as exp(s - lse) carries lse's own rounding, |lse| * 2^-24, as one relative error
-  //     shared by the whole row: 4x PyTorch's softmax error at |lse| ~ 10 (measured on random
-  //     scores). The pass sums each row's recomputed P (1 in exact arithmetic) and the main pass
-  //     divides by that sum.
-  // (2) Delta_i = dO_i . out_i reads the rounded stored output, where PyTorch's softmax backward
-  //     forms sum_j P_ij dP_ij from the dP it also uses for dS; the pass forms Delta_i that same way.
-  //     Measured: a real checkpoint's worst gradient went from 7.5x to 5.9x HF fp32's error
-  //     (tests/hf/test_real_checkpoint.py), dk on random inputs with an outlier feature in dO from
-  //     1.33x to 1.17x PyTorch's error.
-  // Both passes walk the same tiles: scores scale * Q K^T into Pm and dO V^T into dP, then per_tile.
-  auto score_tiles = [&](auto&& per_tile) {
-    for (int64_t kb = 0; kb < nk; kb += BK) {
-      const int64_t width = std::min(BK, nkp - kb), nv = std::min(BK, nk - kb);
-      // causal: queries before the tile's first key see none of it
-      const int64_t qstart = P.causal ? (kidx[kb] / BQ) * BQ : 0;
-      for (int64_t q0 = qstart; q0 < nq; q0 += BQ) {
-        const int64_t qn = std::min(BQ, nq - q0);
-        gemm_f32(qn, width, D, Q.data() + q0 * Dp, Dp, Kt.data() + kb, nkp, Pm.data(), BK, P.scale, false);
-        gemm_f32(qn, width, D, dO.data() + q0 * Dp, Dp, Vt.data() + kb, nkp, dP.data(), BK, 1.f, false);
-        per_tile(kb, width, nv, q0, qn);
-      }
-    }
-  };
-
-  std::vector<float> inv_r(nq, 1.f);
-  if (std::is_same<T, float>::value) {
-    std::vector<double> rsum(nq, 0.0), pdp(nq, 0.0);
-    score_tiles([&](int64_t kb, int64_t width, int64_t nv, int64_t q0, int64_t qn) {
-      for (int64_t r = 0; r < qn; ++r) {
-        const int64_t i = q0 + r;
-        if (lse[i] == inf) continue;
-        float* p = Pm.data() + r * BK;
-        float* dp = dP.data() + r * BK;
-        P.mask_row(b, h, i, kidx.data() + kb, nv, width, p);
-        if (P.drop.on) {
-          P.dropout_row(b, h, i, kidx.data() + kb, nv, z.data());
-          for (int64_t c = 0; c < nv; ++c) dp[c] *= z[c];
-        }
-        // the main pass's exponential, so the sum matches the P it divides
-        const Vec vl(lse[i]);
-        for (int64_t c = 0; c < width; c += kVec)
-          exp_fast(at::vec::minimum(Vec::loadu(p + c) - vl, Vec(0.f))).store(p + c);
-        double t = 0.0, u = 0.0;
-        for (int64_t c = 0; c < nv; ++c) {
-          t += p[c];
-          u += static_cast<double>(p[c]) * dp[c];
-        }
-        rsum[i] += t;
-        pdp[i] += u;
-      }
-    });
-    for (int64_t i = 0; i < nq; ++i) {
-      if (rsum[i] > 0.0) {
-        inv_r[i] = static_cast<float>(1.0 / rsum[i]);
-        delta[i] = static_cast<float>(pdp[i] / rsum[i]);
-      }
-    }
-  }
-
-  score_tiles([&](int64_t kb, int64_t width, int64_t nv, int64_t q0, int64_t qn) {
+  for (int64_t q0 = 0; q0 < nq; q0 += bq) {
+    const int64_t qn = std::min(bq, nq - q0);
+    // causal: keys past the block's last query are invisible to all of it (kidx is sorted)
+    const int64_t kend =
+        P.causal ? std::upper_bound(kidx.begin(), kidx.end(), static_cast<int32_t>(q0 + qn - 1)) - kidx.begin() : nk;
+    if (kend == 0) continue;  // no visible key: these rows' gradients are 0
+    const int64_t w = round_up(kend, kCol);
+    gemm_f32(qn, w, D, Q.data() + q0 * Dp, Dp, Kt.data(), nkp, S.data(), nkp, P.scale, false);
+    gemm_f32(qn, w, D, dO.data() + q0 * Dp, Dp, Vt.data(), nkp, dP.data(), nkp, 1.f, false);
     for (int64_t r = 0; r < qn; ++r) {
       const int64_t i = q0 + r;
-      float* p = Pm.data() + r * BK;
-      float* dp = dP.data() + r * BK;
-      P.mask_row(b, h, i, kidx.data() + kb, nv, width, p);
-      const float li = lse[i];
-      if (li == inf) {
-        std::fill(p, p + width, 0.f);
+      float* p = S.data() + r * nkp;
+      float* dp = dP.data() + r * nkp;
+      P.mask_row(b, h, i, kidx.data(), kend, w, p);
+      const float mx = hmax(p, w);
+      if (mx == ninf) {  // no visible key (lse = +inf): P = 0, dS = 0
+        std::fill(p, p + w, 0.f);
+        std::fill(dp, dp + w, 0.f);
       } else {
-        const Vec vl(li);
-        // s - lse <= 0 in exact arithmetic; clamping keeps a rounded lse from giving P > 1
-        const Vec vr(inv_r[i]);
-        for (int64_t c = 0; c < width; c += kVec)
-          (exp_fast(at::vec::minimum(Vec::loadu(p + c) - vl, Vec(0.f))) * vr).store(p + c);
-      }
-      const Vec vd(delta[i]);
-      if (P.drop.on) {
-        P.dropout_row(b, h, i, kidx.data() + kb, nv, z.data());
-        std::fill(z.begin() + nv, z.begin() + width, 0.f);
-        for (int64_t c = 0; c < width; c += kVec) {
-          const Vec pv = Vec::loadu(p + c), zv = Vec::loadu(z.data() + c);
-          const Vec ds = pv * (Vec::loadu(dp + c) * zv - vd);
-          (pv * zv).store(p + c);  // p now holds z * P (for dV)
-          ds.store(dp + c);        // dp now holds dS
+        const Vec vm(mx);
+        const double l = blocked_vsum(w, [&](int64_t c, int64_t) {
+          const Vec e = exp_fast(Vec::loadu(p + c) - vm);
+          e.store(p + c);
+          return e;
+        });
+        const Vec inv(static_cast<float>(1.0 / l));
+        if (P.drop.on) {
+          P.dropout_row(b, h, i, kidx.data(), kend, z.data());
+          std::fill(z.begin() + kend, z.begin() + w, 0.f);
         }
-      } else {
-        for (int64_t c = 0; c < width; c += kVec) {
+        const float* zr = P.drop.on ? z.data() : nullptr;
+        // P = e / l; dP <- z * dP (dropout); Delta = sum_j P dP
+        const double delta = blocked_vsum(w, [&](int64_t c, int64_t) {
+          const Vec pv = Vec::loadu(p + c) * inv;
+          pv.store(p + c);
+          Vec d = Vec::loadu(dp + c);
+          if (zr != nullptr) {
+            d = d * Vec::loadu(zr + c);
+            d.store(dp + c);
+          }
+          return pv * d;
+        });
+        const Vec vd(static_cast<float>(delta));
+        for (int64_t c = 0; c < w; c += kVec) {
           const Vec pv = Vec::loadu(p + c);
-          (pv * (Vec::loadu(dp + c) - vd)).store(dp + c);
+          (pv * (Vec::loadu(dp + c) - vd)).store(dp + c);                   // dp now holds dS
+          if (zr != nullptr) (pv * Vec::loadu(zr + c)).store(p + c);         // p now holds z * P (for dV)
         }
-      }
-      for (int64_t c = 0; c < width; ++c) {
-        PzT[c * BQ + r] = p[c];
-        dST[c * BQ + r] = dp[c];
       }
     }
-    // dV += (zP)^T dO ; dK += scale dS^T Q ; dQ += scale dS K
-    gemm_f32(width, Dp, qn, PzT.data(), BQ, dO.data() + q0 * Dp, Dp, dV.data() + kb * Dp, Dp, 1.f, true);
-    gemm_f32(width, Dp, qn, dST.data(), BQ, Q.data() + q0 * Dp, Dp, dK.data() + kb * Dp, Dp, P.scale, true);
-    gemm_f32(qn, Dp, width, dP.data(), BK, Krow.data() + kb * Dp, Dp, dQ.data() + q0 * Dp, Dp, P.scale, true);
-  });
+    // dV += (zP)^T dO ; dK += scale dS^T Q ; dQ = scale dS K
+    gemm_f32_at(w, Dp, qn, S.data(), nkp, dO.data() + q0 * Dp, Dp, dV.data(), Dp, 1.f, true);
+    gemm_f32_at(w, Dp, qn, dP.data(), nkp, Q.data() + q0 * Dp, Dp, dK.data(), Dp, P.scale, true);
+    gemm_f32(qn, Dp, w, dP.data(), nkp, Krow.data(), Dp, dQ.data() + q0 * Dp, Dp, P.scale, false);
+  }
   for (int64_t i = 0; i < nq; ++i) from_f32(dQ.data() + i * Dp, gq.data_ptr<T>() + P.row(gq, b, start, h, i), D);
   // every key row is written: gathered keys get their gradient, masked-out keys 0
   std::vector<float> zeros(D, 0.f);

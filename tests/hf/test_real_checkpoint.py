@@ -53,8 +53,9 @@ _KNOWN_GAP = ("open: on the cpu backend, grad of layer 2's output LayerNorm weig
               "kernel of one op off at a time: attention off -> 3.6x, linear_gelu off -> 5.9x, "
               "add_layer_norm off -> 7.5x, all off (torch backend) -> 2.1x. So the cpu attention "
               "backward (then linear_gelu's) loses accuracy on this real checkpoint; random weights "
-              "do not show it. Since then the fp32 cpu attention backward renormalizes the recomputed "
-              "softmax rows and forms Delta as sum_j P dP (csrc/cpu/attention.cpp): 5.9x, still over.")
+              "do not show it. Since then the cpu attention backward recomputes each row's exact softmax "
+              "(max, exponentials, sum; no lse rounding) and forms Delta as sum_j P dP, as PyTorch's "
+              "softmax backward does (csrc/cpu/attention.cpp): 5.9x, still over.")
 
 
 @pytest.mark.parametrize("backend,padding_free", [
