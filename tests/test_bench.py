@@ -48,6 +48,8 @@ def test_results_json_schema(quick_run):
     assert set(data) == {"env", "rows"}
     env = data["env"]
     assert ISSUE_ENV_KEYS <= set(env)
+    # a CPU run fixes glibc's malloc thresholds (fastbert.bench.__main__._steady_cpu_allocator)
+    assert env["device_kind"] == "cpu" and env["cpu_allocator"].startswith("glibc mallopt"), env["cpu_allocator"]
     assert env["device_kind"] == "cpu"
     assert env["torch"] == torch.__version__
     assert env["peak_tflops"]["float32"] > 0 and env["bw_gbps"] > 0

@@ -314,10 +314,8 @@ def _run_workload(args, device, env, rows, bar, runner, spec, label, cfg, dname,
                 err_reason = f"output has NaN/inf at valid tokens (max abs err {err})"
         del out
     except Exception as e:
-        reason = "out of memory" if _is_oom(e) else _first_line(e)
-        status = "skipped" if (_is_oom(e) or "BackendUnavailableError" in type(e).__name__) else "error"
         for mode in args.modes:
-            rows.append(R.make_row(**common, mode=mode, status=status, reason=reason))
+            rows.append(R.make_row(**common, mode=mode, **_failure(e)))
         bar.update(len(args.modes))
         _free(device)
         return
@@ -393,36 +391,73 @@ def run_ops(args, device, env, rows, bar) -> None:
                     for varlen in ([False, True] if (op == "attention" and not args.no_varlen) else [False]):
                         lengths = M.varlen_lengths(b, s) if varlen else [s] * b
                         case = None
-                        for prov in O.op_provider_names(op):
-                            for mode in args.op_modes:
-                                bar.set_postfix_str(f"{op} {dname} {prov} {mode} B{b} S{s}", refresh=False)
-                                common = dict(kind="op", name=op, provider=prov, mode=mode, dtype=dname,
-                                              batch=b, seq=s, varlen=varlen)
-                                try:
-                                    if case is None:
-                                        case = O.make_case(op, dims, b, s, lengths, dtype, device)
-                                    res = O.run_case(case, prov, mode, varlen, device, heads, args.quick)
-                                    t = res["timing"]
-                                    fig = R.figures(t, tokens=sum(lengths), flops=case.flops(mode),
-                                                    nbytes=case.nbytes(mode), dtype=dname, env=env)
-                                    err = res["max_abs_err"]
-                                    if not math.isfinite(err):
-                                        rows.append(R.make_row(**common, status="error",
-                                                               reason=f"output has NaN/inf (max abs err {err})"))
-                                    else:
-                                        rows.append(R.make_row(**common, **fig, max_abs_err=err,
-                                                               peak_mem_mb=res["peak_mem_mb"], status="ok"))
-                                except O.Skip as e:
-                                    rows.append(R.make_row(**common, status="skipped", reason=str(e)))
-                                except Exception as e:
-                                    oom = _is_oom(e)
-                                    skip = oom or "BackendUnavailableError" in type(e).__name__
-                                    rows.append(R.make_row(**common, status="skipped" if skip else "error",
-                                                           reason="out of memory" if oom else _first_line(e)))
-                                    _free(device)
-                                bar.update(1)
+                        provs = O.op_provider_names(op)
+                        for mode in args.op_modes:
+                            bar.set_postfix_str(f"{op} {dname} {mode} B{b} S{s}", refresh=False)
+                            common = dict(kind="op", name=op, mode=mode, dtype=dname, batch=b, seq=s, varlen=varlen)
+                            try:
+                                if case is None:
+                                    case = O.make_case(op, dims, b, s, lengths, dtype, device)
+                            except Exception as e:
+                                for prov in provs:
+                                    rows.append(R.make_row(**common, provider=prov, **_failure(e)))
+                                bar.update(len(provs))
+                                _free(device)
+                                continue
+                            results = O.run_providers(case, provs, mode, varlen, device, heads, args.quick)
+                            for prov in provs:
+                                res = results[prov]
+                                if isinstance(res, BaseException):
+                                    rows.append(R.make_row(**common, provider=prov, **_failure(res)))
+                                    continue
+                                err = res["max_abs_err"]
+                                if not math.isfinite(err):
+                                    rows.append(R.make_row(**common, provider=prov, status="error",
+                                                           reason=f"output has NaN/inf (max abs err {err})"))
+                                    continue
+                                fig = R.figures(res["timing"], tokens=sum(lengths), flops=case.flops(mode),
+                                                nbytes=case.nbytes(mode), dtype=dname, env=env)
+                                rows.append(R.make_row(**common, provider=prov, **fig, max_abs_err=err,
+                                                       peak_mem_mb=res["peak_mem_mb"], status="ok"))
+                            del results
+                            _free(device)
+                            bar.update(len(provs))
                         del case
                         _free(device)
+
+
+def _steady_cpu_allocator() -> str:
+    """CPU runs: keep glibc malloc from handing every large tensor fresh pages. By default glibc serves
+    blocks above a moving threshold with mmap and returns freed heap tops to the OS, so a provider's
+    output of a few MB can cost a page fault per 4 KB (zero-filled) on every call; which calls pay
+    depends on the allocation history of the whole process, not on the provider (measured on the
+    2-core development VM: add_layer_norm at 1024 x 768 and its torch composition both went from
+    ~0.45 ms to 1.0-1.4 ms partway through one process, then back). Fixing the mmap threshold at
+    32 MiB (glibc's maximum) and never trimming makes every provider reuse heap memory, as a caching
+    allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) would. Applies to every provider alike;
+    recorded in env.cpu_allocator."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return ("glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB" if ok
+            else "system default (glibc mallopt not available)")
+
+
+def _failure(e: BaseException) -> dict:
+    """Row fields for a provider that could not be measured: skipped (cannot run here: Skip, OOM, an
+    unavailable backend) or error (anything else), with the reason."""
+    from fastbert.bench import opbench as O
+
+    if isinstance(e, O.Skip):
+        return dict(status="skipped", reason=str(e))
+    oom = _is_oom(e)
+    skip = oom or "BackendUnavailableError" in type(e).__name__
+    return dict(status="skipped" if skip else "error", reason="out of memory" if oom else _first_line(e))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,6 +504,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t0 = time.time()
     env = environment(device, argv, args.quick)
+    env["cpu_allocator"] = _steady_cpu_allocator() if device.type == "cpu" else None
     old_rows: List[dict] = []
     json_path = os.path.join(args.out, "results.json")
     if args.append and os.path.exists(json_path):

@@ -385,6 +385,38 @@ def run_case(case: Case, provider: str, mode: str, varlen: bool, device: torch.d
     return {"timing": t, "max_abs_err": err, "peak_mem_mb": peak}
 
 
+def run_providers(case: Case, providers, mode: str, varlen: bool, device: torch.device, heads: int,
+                  quick: bool) -> dict:
+    """Every provider of one (case, mode): provider -> run_case's dict, or the exception that stopped it.
+    On CPU all providers are prepared first and then timed against each other in interleaved rounds
+    (timing.bench_interleaved: a drifting machine slows them alike); on a GPU, whose timings do not
+    drift that way and whose memory may not hold every provider's retained graphs at once, one after
+    another (run_case)."""
+    device = torch.device(device)
+    out = {}
+    if device.type == "cuda":
+        for prov in providers:
+            try:
+                out[prov] = run_case(case, prov, mode, varlen, device, heads, quick)
+            except Exception as e:  # noqa: BLE001 -- reported per provider by the caller
+                out[prov] = e
+        return out
+    calls, errs = {}, {}
+    for prov in providers:
+        try:
+            calls[prov], errs[prov] = prepare(case, prov, mode, varlen, device, heads)
+        except Exception as e:  # noqa: BLE001
+            out[prov] = e
+    try:
+        timings = timing.bench_interleaved(calls, len(case.sets), device, quick=quick)
+    except Exception as e:  # noqa: BLE001 -- a failure while timing: every provider of the round
+        timings = {prov: e for prov in calls}
+    for prov in calls:
+        t = timings[prov]
+        out[prov] = t if isinstance(t, BaseException) else {"timing": t, "max_abs_err": errs[prov], "peak_mem_mb": None}
+    return {prov: out[prov] for prov in providers}
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

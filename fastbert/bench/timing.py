@@ -10,12 +10,18 @@
   `warmup_ms` and 2 calls; then as many repetitions as fit in `target_ms`, clamped to
   [min_reps, max_reps]. We report the median and the 20th/80th percentiles of the per-call times:
   the median resists the odd slow call (GC, clock ramp), p20-p80 shows the spread.
+- Interleaved (`bench_interleaved`, used for the CPU op grid): the providers of one case are timed in
+  rounds, one call of each per round (the order rotating from round to round), so a machine whose
+  speed drifts over seconds (another process, clock or memory-bandwidth contention: the 2-core
+  development VM moved single providers by 30-40% between consecutive windows) slows every provider
+  alike instead of whichever happened to be measured then. Ratios between providers are what the
+  benchmark reports, so they are what must not drift.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,16 +84,7 @@ def bench(fn: Callable[[int], object], n_inputs: int, device: torch.device,
     s = settings or SETTINGS[("cuda" if device.type == "cuda" else "cpu", quick)]
     n_inputs = max(1, int(n_inputs))
 
-    # warm-up: at least 2 calls (the first may compile), then until warmup_ms has passed
-    calls, spent, last = 0, 0.0, 0.0
-    while calls < 2 or spent < s.warmup_ms:
-        last = _one_call_ms(fn, calls % n_inputs, device)
-        spent += last
-        calls += 1
-        if calls >= 1000:
-            break
-    est = max(last, 1e-3)
-    reps = int(min(s.max_reps, max(s.min_reps, s.target_ms // est)))
+    reps = _warm_up(fn, n_inputs, device, s)
 
     times = []
     if device.type == "cuda":
@@ -106,6 +103,40 @@ def bench(fn: Callable[[int], object], n_inputs: int, device: torch.device,
             fn(r % n_inputs)
             times.append((time.perf_counter() - t0) * 1e3)
     return summarize(times)
+
+
+def _warm_up(fn: Callable[[int], object], n_inputs: int, device: torch.device, s: Settings) -> int:
+    """At least 2 calls (the first may compile), then until warmup_ms has passed; returns how many
+    repetitions fit in target_ms (clamped to [min_reps, max_reps])."""
+    calls, spent, last = 0, 0.0, 0.0
+    while calls < 2 or spent < s.warmup_ms:
+        last = _one_call_ms(fn, calls % n_inputs, device)
+        spent += last
+        calls += 1
+        if calls >= 1000:
+            break
+    est = max(last, 1e-3)
+    return int(min(s.max_reps, max(s.min_reps, s.target_ms // est)))
+
+
+def bench_interleaved(fns: Dict[str, Callable[[int], object]], n_inputs: int, device: torch.device,
+                      settings: Optional[Settings] = None, quick: bool = False) -> Dict[str, Timing]:
+    """Time several callables of one case against each other: each is warmed up and gets the
+    repetition count `bench` would give it, but the repetitions run in rounds, one call of each
+    callable per round, the order rotating every round. Every call is timed on its own
+    (synchronized on a GPU), so per-call figures mean what they mean in `bench`."""
+    device = torch.device(device)
+    s = settings or SETTINGS[("cuda" if device.type == "cuda" else "cpu", quick)]
+    n_inputs = max(1, int(n_inputs))
+    names = list(fns)
+    reps = {name: _warm_up(fns[name], n_inputs, device, s) for name in names}
+    times: Dict[str, list] = {name: [] for name in names}
+    for r in range(max(reps.values(), default=0)):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            if r < reps[name]:
+                times[name].append(_one_call_ms(fns[name], r % n_inputs, device))
+    return {name: summarize(times[name]) for name in names}
 
 
 def rotation_count(bytes_per_set: int, device: torch.device, *, max_sets: int = 8) -> int:
