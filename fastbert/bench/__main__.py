@@ -261,19 +261,23 @@ def run_models(args, device, env, rows, bar) -> None:
 
         for dname in args.dtypes:
             dtype = getattr(torch, dname)
+            if device.type == "cpu":
+                # every provider's model at once, timed against each other workload by workload
+                runners = {}
+                for spec in specs:
+                    runner = _make_runner(args, device, rows, bar, spec, base, dtype, label, dname, per_provider)
+                    if runner is not None:
+                        runners[spec] = runner
+                for w in wls:
+                    bar.set_postfix_str(f"{label} {dname} {w.label()} (all providers)", refresh=False)
+                    _run_workload_interleaved(args, device, env, rows, bar, runners, label, cfg, dname, w,
+                                              inputs[w], refs.get(w))
+                del runners
+                _free(device)
+                continue
             for spec in specs:
-                why = P.unavailable(spec, device, args.quick)
-                runner = None
-                if why is None:
-                    try:
-                        runner = P.ModelRunner(spec, base, dtype, device)
-                    except Exception as e:
-                        why = _first_line(e)
-                if why is not None:
-                    for mode in args.modes:
-                        rows.append(R.make_row(kind="model", name=label, provider=spec.name, mode=mode, dtype=dname,
-                                               status="skipped", reason=why))
-                    bar.update(per_provider)
+                runner = _make_runner(args, device, rows, bar, spec, base, dtype, label, dname, per_provider)
+                if runner is None:
                     continue
                 for w in wls:
                     bar.set_postfix_str(f"{label} {dname} {spec.name} {w.label()}", refresh=False)
@@ -285,34 +289,71 @@ def run_models(args, device, env, rows, bar) -> None:
         _free(device)
 
 
+def _make_runner(args, device, rows, bar, spec, base, dtype, label, dname, per_provider):
+    """spec's model at dtype on device, or None after writing its skipped rows (with the reason)."""
+    from fastbert.bench import providers as P
+    from fastbert.bench import report as R
+
+    why = P.unavailable(spec, device, args.quick)
+    if why is None:
+        try:
+            return P.ModelRunner(spec, base, dtype, device)
+        except Exception as e:
+            why = _first_line(e)
+    for mode in args.modes:
+        rows.append(R.make_row(kind="model", name=label, provider=spec.name, mode=mode, dtype=dname,
+                               status="skipped", reason=why))
+    bar.update(per_provider)
+    return None
+
+
+def _check_workload(env, runner, spec, label, dname, w, sets, ref):
+    """Correctness first, on the untrained weights: (max |out - HF fp32| over valid tokens or None,
+    the reason the output is unusable or None, the CUDA-graph replay or None). Raises if the provider
+    fails to run."""
+    replay, err, err_reason = None, None, None
+    if spec.cudagraph and not sets:
+        out = None
+    elif spec.cudagraph:
+        replay, outs = runner.graphed(sets)
+        replay(0)
+        out = outs[0]
+    else:
+        out = runner.forward(sets[0])
+    if spec.family == "fastbert" and spec.backend is None:
+        _record_dispatch(env, f"{label} {dname} {spec.name}")
+    if ref is not None and out is not None:
+        valid = sets[0]["attention_mask"].bool().cpu()
+        err = float((out.float().cpu() - ref).abs()[valid].max()) if valid.any() else 0.0
+        if not math.isfinite(err):
+            err_reason = f"output has NaN/inf at valid tokens (max abs err {err})"
+    return err, err_reason, replay
+
+
+def _mode_skip(spec, w, mode) -> Optional[str]:
+    if spec.cudagraph and w.batch > CUDAGRAPH_MAX_BATCH:
+        return f"the CUDA graphs variant runs only for batch <= {CUDAGRAPH_MAX_BATCH} (it targets small-batch latency)"
+    if mode == "train" and spec.cudagraph:
+        return "the CUDA graphs variant is inference only"
+    return None
+
+
+def _mode_fn(runner, sets, mode, replay):
+    if mode == "infer":
+        return replay if replay is not None else (lambda i: runner.forward(sets[i]))
+    return lambda i: runner.train_step(sets[i])
+
+
 def _run_workload(args, device, env, rows, bar, runner, spec, label, cfg, dname, w, sets, ref) -> None:
     from fastbert.bench import models as M
     from fastbert.bench import report as R
     from fastbert.bench import timing
 
     common = dict(kind="model", name=label, provider=spec.name, dtype=dname, batch=w.batch, seq=w.seq, varlen=w.varlen)
-    # correctness first, on the untrained weights: max |out - HF fp32| over valid tokens
-    err, err_reason = None, None
-    replay = None
     if spec.cudagraph and w.batch > CUDAGRAPH_MAX_BATCH:
         sets = sets[:0]  # nothing to capture: every mode is skipped below
     try:
-        if spec.cudagraph and not sets:
-            out = None
-        elif spec.cudagraph:
-            replay, outs = runner.graphed(sets)
-            replay(0)
-            out = outs[0]
-        else:
-            out = runner.forward(sets[0])
-        if spec.family == "fastbert" and spec.backend is None:
-            _record_dispatch(env, f"{label} {dname} {spec.name}")
-        if ref is not None and out is not None:
-            valid = sets[0]["attention_mask"].bool().cpu()
-            err = float((out.float().cpu() - ref).abs()[valid].max()) if valid.any() else 0.0
-            if not math.isfinite(err):
-                err_reason = f"output has NaN/inf at valid tokens (max abs err {err})"
-        del out
+        err, err_reason, replay = _check_workload(env, runner, spec, label, dname, w, sets, ref)
     except Exception as e:
         for mode in args.modes:
             rows.append(R.make_row(**common, mode=mode, **_failure(e)))
@@ -321,42 +362,84 @@ def _run_workload(args, device, env, rows, bar, runner, spec, label, cfg, dname,
         return
 
     for mode in args.modes:
-        if err_reason is not None:
-            rows.append(R.make_row(**common, mode=mode, status="error", reason=err_reason))
-            bar.update(1)
-            continue
-        if spec.cudagraph and w.batch > CUDAGRAPH_MAX_BATCH:
-            rows.append(R.make_row(**common, mode=mode, status="skipped",
-                                   reason=f"the CUDA graphs variant runs only for batch <= {CUDAGRAPH_MAX_BATCH} "
-                                          "(it targets small-batch latency)"))
-            bar.update(1)
-            continue
-        if mode == "train" and spec.cudagraph:
-            rows.append(R.make_row(**common, mode=mode, status="skipped",
-                                   reason="the CUDA graphs variant is inference only"))
+        skip = _mode_skip(spec, w, mode)
+        if err_reason is not None or skip is not None:
+            rows.append(R.make_row(**common, mode=mode, status="error" if skip is None else "skipped",
+                                   reason=err_reason if skip is None else skip))
             bar.update(1)
             continue
         try:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            if mode == "infer":
-                fn = replay if replay is not None else (lambda i: runner.forward(sets[i]))
-                t = timing.bench(fn, len(sets), device, quick=args.quick)
-            else:
+            if mode == "train":
                 runner.start_training()
-                try:
-                    t = timing.bench(lambda i: runner.train_step(sets[i]), len(sets), device, quick=args.quick)
-                finally:
+            try:
+                t = timing.bench(_mode_fn(runner, sets, mode, replay), len(sets), device, quick=args.quick)
+            finally:
+                if mode == "train":
                     runner.stop_training()
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
             fig = R.figures(t, tokens=w.tokens, flops=M.model_flops(cfg, w, mode), nbytes=None, dtype=dname, env=env)
             rows.append(R.make_row(**common, mode=mode, **fig, max_abs_err=err, peak_mem_mb=peak, status="ok"))
         except Exception as e:
-            reason = "out of memory" if _is_oom(e) else _first_line(e)
-            rows.append(R.make_row(**common, mode=mode, status="skipped" if _is_oom(e) else "error", reason=reason))
+            rows.append(R.make_row(**common, mode=mode, status="skipped" if _is_oom(e) else "error",
+                                   reason="out of memory" if _is_oom(e) else _first_line(e)))
             _free(device)
         bar.update(1)
+
+
+def _run_workload_interleaved(args, device, env, rows, bar, runners, label, cfg, dname, w, sets, ref) -> None:
+    """CPU: one workload on every provider, each checked for correctness, then timed against the others
+    in interleaved rounds (timing.bench_interleaved), so a machine whose speed drifts slows them alike."""
+    from fastbert.bench import models as M
+    from fastbert.bench import report as R
+    from fastbert.bench import timing
+
+    def common(spec):
+        return dict(kind="model", name=label, provider=spec.name, dtype=dname, batch=w.batch, seq=w.seq,
+                    varlen=w.varlen)
+
+    checked = {}
+    for spec, runner in runners.items():
+        try:
+            checked[spec] = _check_workload(env, runner, spec, label, dname, w, sets, ref)
+        except Exception as e:
+            for mode in args.modes:
+                rows.append(R.make_row(**common(spec), mode=mode, **_failure(e)))
+            bar.update(len(args.modes))
+    for mode in args.modes:
+        fns = {}
+        for spec, (err, err_reason, replay) in checked.items():
+            skip = _mode_skip(spec, w, mode)
+            if err_reason is not None or skip is not None:
+                rows.append(R.make_row(**common(spec), mode=mode, status="error" if skip is None else "skipped",
+                                       reason=err_reason if skip is None else skip))
+                bar.update(1)
+                continue
+            fns[spec] = _mode_fn(runners[spec], sets, mode, replay)
+        started = []
+        try:
+            if mode == "train":
+                for spec in fns:
+                    runners[spec].start_training()
+                    started.append(spec)
+            times = timing.bench_interleaved(fns, len(sets), device, quick=args.quick)
+        except Exception as e:
+            times = {spec: e for spec in fns}
+        finally:
+            for spec in started:
+                runners[spec].stop_training()
+        for spec in fns:
+            t = times[spec]
+            if isinstance(t, BaseException):
+                rows.append(R.make_row(**common(spec), mode=mode, **_failure(t)))
+            else:
+                fig = R.figures(t, tokens=w.tokens, flops=M.model_flops(cfg, w, mode), nbytes=None, dtype=dname,
+                                env=env)
+                rows.append(R.make_row(**common(spec), mode=mode, **fig, max_abs_err=checked[spec][0],
+                                       peak_mem_mb=None, status="ok"))
+            bar.update(1)
 
 
 # ----------------------------------------------------------------------------------------------

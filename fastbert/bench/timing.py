@@ -10,7 +10,7 @@
   `warmup_ms` and 2 calls; then as many repetitions as fit in `target_ms`, clamped to
   [min_reps, max_reps]. We report the median and the 20th/80th percentiles of the per-call times:
   the median resists the odd slow call (GC, clock ramp), p20-p80 shows the spread.
-- Interleaved (`bench_interleaved`, used for the CPU op grid): the providers of one case are timed in
+- Interleaved (`bench_interleaved`, used on CPU for the op and model grids): the providers of one case are timed in
   rounds, one call of each per round (the order rotating from round to round), so a machine whose
   speed drifts over seconds (another process, clock or memory-bandwidth contention: the 2-core
   development VM moved single providers by 30-40% between consecutive windows) slows every provider
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ def _warm_up(fn: Callable[[int], object], n_inputs: int, device: torch.device, s
     return int(min(s.max_reps, max(s.min_reps, s.target_ms // est)))
 
 
-def bench_interleaved(fns: Dict[str, Callable[[int], object]], n_inputs: int, device: torch.device,
+def bench_interleaved(fns: Dict[Any, Callable[[int], object]], n_inputs: int, device: torch.device,
                       settings: Optional[Settings] = None, quick: bool = False) -> Dict[str, Timing]:
     """Time several callables of one case against each other: each is warmed up and gets the
     repetition count `bench` would give it, but the repetitions run in rounds, one call of each
@@ -130,7 +130,7 @@ def bench_interleaved(fns: Dict[str, Callable[[int], object]], n_inputs: int, de
     n_inputs = max(1, int(n_inputs))
     names = list(fns)
     reps = {name: _warm_up(fns[name], n_inputs, device, s) for name in names}
-    times: Dict[str, list] = {name: [] for name in names}
+    times: Dict[Any, list] = {name: [] for name in names}
     for r in range(max(reps.values(), default=0)):
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
