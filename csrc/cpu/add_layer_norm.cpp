@@ -71,6 +71,27 @@ inline std::pair<float, float> fwd_row(const Row& r, int64_t n, const float* __r
   return {mean, rstd};
 }
 
+// Row i's inputs: fp32 rows are read in place, 16-bit ones converted into xbuf/rbuf; z receives the
+// row's dropout factors when dropout is on.
+template <typename T>
+inline Row load_row(const RowInputs& in, const T* x, const T* res, int64_t i, float* xbuf, float* rbuf, float* z) {
+  const int64_t n = in.n;
+  Row row{nullptr, nullptr, in.xb, in.drop.on ? z : nullptr};
+  if constexpr (std::is_same<T, float>::value) {
+    row.x = x + i * n;
+    if (res != nullptr) row.res = res + i * n;
+  } else {
+    to_f32(x + i * n, xbuf, n);
+    row.x = xbuf;
+    if (res != nullptr) {
+      to_f32(res + i * n, rbuf, n);
+      row.res = rbuf;
+    }
+  }
+  if (in.drop.on) in.drop.factors(static_cast<uint64_t>(i) * n, n, z);
+  return row;
+}
+
 // fp32 scratch rows are padded to whole vectors, so passes over scratch may load whole vectors
 inline int64_t scratch_len(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 
@@ -84,19 +105,7 @@ void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, con
     const int64_t len = scratch_len(n);
     std::vector<float> h(len, 0.f), z(in.drop.on ? n : 0), y(kF32 ? 0 : n), xbuf(kF32 ? 0 : n), rbuf(kF32 ? 0 : n);
     for (int64_t i = r0; i < r1; ++i) {
-      Row row{nullptr, nullptr, in.xb, in.drop.on ? z.data() : nullptr};
-      if constexpr (kF32) {
-        row.x = x + i * n;
-        if (res != nullptr) row.res = res + i * n;
-      } else {
-        to_f32(x + i * n, xbuf.data(), n);
-        row.x = xbuf.data();
-        if (res != nullptr) {
-          to_f32(res + i * n, rbuf.data(), n);
-          row.res = rbuf.data();
-        }
-      }
-      if (in.drop.on) in.drop.factors(static_cast<uint64_t>(i) * n, n, z.data());
+      const Row row = load_row(in, x, res, i, xbuf.data(), rbuf.data(), z.data());
       float* yr;
       if constexpr (kF32) {
         yr = out + i * n;  // fp32 output is written directly
@@ -162,28 +171,19 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
       if (pxb != nullptr) std::fill(pxb, pxb + n, 0.f);
       const int64_t rend = std::min(rows, (blk + 1) * block);
       for (int64_t i = blk * block; i < rend; ++i) {
-        Row row{nullptr, nullptr, in.xb, in.drop.on ? z.data() : nullptr};
+        const Row row = load_row(in, x, res, i, xbuf.data(), rbuf.data(), z.data());
         const float* gr;
         float *gp, *gxr = nullptr;
         if constexpr (kF32) {
-          row.x = x + i * n;
-          if (res != nullptr) row.res = res + i * n;
           gr = g + i * n;
           gp = grad_pre + i * n;
           if (in.drop.on) gxr = grad_x + i * n;
         } else {
-          to_f32(x + i * n, xbuf.data(), n);
-          row.x = xbuf.data();
-          if (res != nullptr) {
-            to_f32(res + i * n, rbuf.data(), n);
-            row.res = rbuf.data();
-          }
           to_f32(g + i * n, gbuf.data(), n);
           gr = gbuf.data();
           gp = pre.data();
           if (in.drop.on) gxr = gxb.data();
         }
-        if (in.drop.on) in.drop.factors(static_cast<uint64_t>(i) * n, n, z.data());
         bwd_row(row, gr, n, w, mean[i], rstd[i], xh.data(), wgs.data(), gp, gxr, pw, pb, pxb);
         if constexpr (!kF32) {
           from_f32(pre.data(), grad_pre + i * n, n);
