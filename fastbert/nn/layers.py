@@ -274,8 +274,8 @@ class FastBertLayer(nn.Module):
     objects and storages are exactly the HF layer's; the fused path reads the pieces through a
     `Layout`. Dropout follows the HF modules' `p` in training mode: attention probs through the
     attention op, hidden dropout through add_layer_norm. Gradient checkpointing: set
-    `gradient_checkpointing = True` (transformers' gradient_checkpointing_enable does) and, in
-    training mode, the layer is recomputed in backward (torch.utils.checkpoint, non-reentrant; the
+    `gradient_checkpointing = True` (transformers' activation_checkpointing_enable, formerly
+    gradient_checkpointing_enable, does) and, in training mode, the layer is recomputed in backward (torch.utils.checkpoint, non-reentrant; the
     RNG state is restored, so the recomputed dropout masks are the same).
     """
 
