@@ -275,8 +275,9 @@ class FastBertLayer(nn.Module):
     `Layout`. Dropout follows the HF modules' `p` in training mode: attention probs through the
     attention op, hidden dropout through add_layer_norm. Gradient checkpointing: set
     `gradient_checkpointing = True` (transformers' activation_checkpointing_enable, formerly
-    gradient_checkpointing_enable, does) and, in training mode, the layer is recomputed in backward (torch.utils.checkpoint, non-reentrant; the
-    RNG state is restored, so the recomputed dropout masks are the same).
+    gradient_checkpointing_enable, does) and, in training mode, the layer is recomputed in backward
+    (torch.utils.checkpoint, non-reentrant; the RNG state is restored, so the recomputed dropout
+    masks are the same).
     """
 
     gradient_checkpointing = False
