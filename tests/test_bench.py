@@ -263,3 +263,29 @@ def test_rows_are_checkpointed_while_the_run_goes():
     rows.append({"a": 2})
     assert saved == [[{"a": 1}], [{"a": 1}, {"a": 2}]]
     assert list(rows) == [{"a": 1}, {"a": 2}]
+
+
+def test_sequential_timing_path(tmp_path, monkeypatch):
+    """GPU runs time providers one after another (opbench.run_case, __main__._run_workload); CPU runs
+    interleave them. Run the sequential path here, on CPU, so a GPU session never meets it first."""
+    assert timing.interleave(torch.device("cpu")) and not timing.interleave(torch.device("meta"))
+    monkeypatch.setattr(timing, "INTERLEAVE_CPU", False)
+    out = tmp_path / "sequential"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--quick", "--device", "cpu", "--threads", "1", "--models", "bert-tiny", "--batch", "1",
+                   "--seq", "8", "--no-varlen", "--providers", "hf-eager,fastbert", "--modes", "infer,train",
+                   "--ops", "add_layer_norm", "--op-model", "bert-tiny", "--op-batch", "1", "--op-seq", "8",
+                   "--op-modes", "fwd,bwd,fwd+bwd", "--no-plots", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    with open(out / "results.json") as f:
+        rows = {(r["kind"], r["provider"], r["mode"]): r for r in json.load(f)["rows"]}
+    for prov in ("hf-eager", "fastbert"):
+        for mode in ("infer", "train"):
+            assert rows[("model", prov, mode)]["status"] == "ok", rows[("model", prov, mode)]
+    for prov in ("fastbert-cpu", "torch-add+layer_norm"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            r = rows[("op", prov, mode)]
+            assert r["status"] == "ok" and r["median_ms"] > 0 and r["max_abs_err"] < 1e-4, r

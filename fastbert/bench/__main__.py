@@ -261,7 +261,7 @@ def run_models(args, device, env, rows, bar) -> None:
 
         for dname in args.dtypes:
             dtype = getattr(torch, dname)
-            if device.type == "cpu":
+            if timing.interleave(device):
                 # every provider's model at once, timed against each other workload by workload
                 runners = {}
                 for spec in specs:

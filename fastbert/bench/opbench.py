@@ -394,7 +394,7 @@ def run_providers(case: Case, providers, mode: str, varlen: bool, device: torch.
     another (run_case)."""
     device = torch.device(device)
     out = {}
-    if device.type == "cuda":
+    if not timing.interleave(device):
         for prov in providers:
             try:
                 out[prov] = run_case(case, prov, mode, varlen, device, heads, quick)

@@ -119,6 +119,15 @@ def _warm_up(fn: Callable[[int], object], n_inputs: int, device: torch.device, s
     return int(min(s.max_reps, max(s.min_reps, s.target_ms // est)))
 
 
+# Whether CPU runs time the providers of a case in interleaved rounds (the default); GPU runs time them
+# one after another. Tests turn it off to run the sequential path (the GPU one) on CPU.
+INTERLEAVE_CPU = True
+
+
+def interleave(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu" and INTERLEAVE_CPU
+
+
 def bench_interleaved(fns: Dict[Any, Callable[[int], object]], n_inputs: int, device: torch.device,
                       settings: Optional[Settings] = None, quick: bool = False) -> Dict[str, Timing]:
     """Time several callables of one case against each other: each is warmed up and gets the
