@@ -50,6 +50,7 @@ def test_results_json_schema(quick_run):
     assert ISSUE_ENV_KEYS <= set(env)
     # a CPU run fixes glibc's malloc thresholds (fastbert.bench.__main__._steady_cpu_allocator)
     assert env["device_kind"] == "cpu" and env["cpu_allocator"].startswith("glibc mallopt"), env["cpu_allocator"]
+    assert env["interleaved"] is True
     assert env["device_kind"] == "cpu"
     assert env["torch"] == torch.__version__
     assert env["peak_tflops"]["float32"] > 0 and env["bw_gbps"] > 0
@@ -281,7 +282,9 @@ def test_sequential_timing_path(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     assert rc == 0
     with open(out / "results.json") as f:
-        rows = {(r["kind"], r["provider"], r["mode"]): r for r in json.load(f)["rows"]}
+        data = json.load(f)
+    assert data["env"]["interleaved"] is False
+    rows = {(r["kind"], r["provider"], r["mode"]): r for r in data["rows"]}
     for prov in ("hf-eager", "fastbert"):
         for mode in ("infer", "train"):
             assert rows[("model", prov, mode)]["status"] == "ok", rows[("model", prov, mode)]

@@ -24,7 +24,8 @@
 //   dP_ij = z_ij dO_i . v_j
 //   dS_ij = P_ij (dP_ij - Delta_i),  Delta_i = sum_j P_ij dP_ij   (= dO_i . out_i, formed as PyTorch does)
 //   dQ_i = scale * sum_j dS_ij k_j,   dK_j = scale * sum_i dS_ij q_i
-// Five GEMMs, as in PyTorch's math backward. lse and out are accepted (the shared schema) and unused.
+// Five GEMMs, as in PyTorch's math backward. lse and out are accepted and checked (the shared schema)
+// but not read.
 #include "cpu/common.h"
 
 #include <algorithm>
@@ -314,10 +315,7 @@ constexpr int64_t kBwdScoreFloats = 32768;
 
 template <typename T>
 void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& out, const float* lse_all, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, int64_t b,
-              int64_t h) {
-  (void)out;
-  (void)lse_all;
+              at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, int64_t b, int64_t h) {
   int64_t start, nq, nk_all;
   P.seq(b, &start, &nq, &nk_all);
   const int64_t D = P.D, Dp = round_up(D, kCol);
@@ -536,10 +534,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor gk = new_output(k.sizes(), k.scalar_type());
   at::Tensor gv = new_output(v.sizes(), v.scalar_type());
   if (q.numel() == 0 && k.numel() == 0) return {gq, gk, gv};
-  const float* lp = lse.data_ptr<float>();
   FB_DISPATCH(q.scalar_type(), kBwd, [&] {
     at::parallel_for(0, P.B * P.H, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) bwd_task<scalar_t>(P, grad_out, q, k, v, out, lp, gq, gk, gv, t / P.H, t % P.H);
+      for (int64_t t = t0; t < t1; ++t) bwd_task<scalar_t>(P, grad_out, q, k, v, gq, gk, gv, t / P.H, t % P.H);
     });
   });
   return {gq, gk, gv};

@@ -181,19 +181,6 @@ inline at::Tensor tensor_from_f32(const std::vector<float>& v, at::IntArrayRef s
   return t;
 }
 
-// Sum of a[0..n) with vector lanes as independent partial sums (fixed order: deterministic).
-inline float vsum(const float* a, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) acc = acc + Vec::loadu(a + j);
-  if (j < n) acc = acc + Vec::loadu(a + j, n - j);  // loadu(ptr, count) zero-fills the rest
-  float lanes[kVec];
-  acc.store(lanes);
-  float s = 0.f;
-  for (int64_t i = 0; i < kVec; ++i) s += lanes[i];
-  return s;
-}
-
 // Sum of the vectors f(j, c) for j = 0, kVec, 2 kVec, ... < n, c = min(kVec, n - j) the valid lanes (f
 // must return zeros past c; Vec::loadu(p, c) zero-fills). Lanes accumulate kBlockVecs vectors in fp32,
 // then each block's lanes are added into double lanes. One fp32 accumulator per lane over a whole row

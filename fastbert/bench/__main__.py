@@ -588,6 +588,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.time()
     env = environment(device, argv, args.quick)
     env["cpu_allocator"] = _steady_cpu_allocator() if device.type == "cpu" else None
+    from fastbert.bench import timing
+
+    env["interleaved"] = timing.interleave(device)
     old_rows: List[dict] = []
     json_path = os.path.join(args.out, "results.json")
     if args.append and os.path.exists(json_path):

@@ -130,8 +130,9 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
              + (f"; load average at start {env['load_avg_1m']:.2f}" if env.get("load_avg_1m") is not None else ""))
     if env.get("cpu_allocator"):
         L.append("")
-        L.append(f"CPU allocator: {env['cpu_allocator']} (every provider alike); the providers of one op case or "
-                 "model workload are timed in interleaved rounds.")
+        L.append(f"CPU allocator: {env['cpu_allocator']} (every provider alike)"
+                 + ("; the providers of one op case or model workload are timed in interleaved rounds."
+                    if env.get("interleaved") else "."))
     if env.get("partial"):
         L.append("")
         L.append(f"**Partial run**: stopped after {env.get('wall_s')} s, before every case was measured; "

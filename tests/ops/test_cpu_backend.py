@@ -226,6 +226,17 @@ def test_attention_padded(dtype, S, D, case):
     _attn_check(q, k, v, dtype, mask=mask, bias=bias, causal="causal" in case)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_long_keys(dtype):
+    # > 512 keys: the backward's query blocks shrink below 64 rows (kBwdScoreFloats / 656 padded keys: 49 here),
+    # so blocks end at row counts that are not multiples of the GEMM's 6-row step
+    B, H, S, D = 1, 1, 700, 16
+    q, k, v = _attn_inputs(B, S, S, H, D, dtype)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, 650:] = False
+    _attn_check(q, k, v, dtype, mask=mask, causal=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_packed_and_cross(dtype):
     H, D = 2, 32
