@@ -209,7 +209,7 @@ def _attn_check(q, k, v, dtype, *, mask=None, bias=None, cu=None, max_seqlen=0, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("S,D,case", [
     (1, 32, "mask"), (7, 64, "mask"), (7, 32, "causal"), (20, 80, "bias"), (129, 64, "mask_causal"),
-    (9, 16, "mask"), (9, 128, "causal"),
+    (9, 16, "mask"), (9, 128, "causal"), (11, 20, "mask"), (5, 3, "causal"), (6, 200, "bias"),
 ])
 def test_attention_padded(dtype, S, D, case):
     if S == 129 and dtype != torch.float32:
