@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -214,6 +214,12 @@ class Dispatcher:
     kernels:  backend -> C++/Triton op names it needs (for the cpu/cuda availability check)
     checks:   backend -> function(**inputs) -> list of reasons specific to this input
     order:    device type -> backend order (defaults to DEFAULT_ORDER)
+    key:      function(**inputs) -> a hashable summary of everything the checks read (dtypes, head
+              dim, ...). With it, decisions are cached per (device type, forced backend, key): a call
+              costs a dict lookup instead of asking every backend (~16 us of Python per op call
+              measured on the CPU development VM). What the device checks read besides the key
+              (installed packages, the built extension) does not change within a process;
+              TRITON_INTERPRET is part of the cache key where it matters (CUDA tensors, forced triton).
     """
 
     def __init__(
@@ -223,14 +229,18 @@ class Dispatcher:
         kernels: Optional[Dict[str, Sequence[str]]] = None,
         checks: Optional[Dict[str, Check]] = None,
         order: Optional[Dict[str, Sequence[str]]] = None,
+        key: Optional[Callable[..., Hashable]] = None,
     ) -> None:
         self.op = op
         self.kernels = dict(kernels or {})
         self.checks: Dict[str, Check] = dict(checks or {})
         self.order = {k: tuple(v) for k, v in (order or DEFAULT_ORDER).items()}
+        self.key = key
+        self._decisions: Dict[Hashable, Decision] = {}
 
     def set_check(self, backend: str, check: Check) -> None:
         self.checks[_check_name(backend, "set_check(backend)")] = check
+        self._decisions.clear()
 
     def reasons(self, backend: str, device: torch.device, forced: bool = False, **inputs) -> List[str]:
         why = device_reasons(backend, device, self.kernels.get(backend, ()), forced=forced)
@@ -241,6 +251,15 @@ class Dispatcher:
 
     def choose(self, device: torch.device, **inputs) -> Decision:
         forced = forced_backend()
+        cache_key = None
+        if self.key is not None:
+            dev = device.type
+            interp = triton_interpreter() if dev == "cuda" or forced == "triton" else None
+            cache_key = (dev, forced, interp, self.key(**inputs))
+            cached = self._decisions.get(cache_key)
+            if cached is not None:
+                _last_decisions[self.op] = cached
+                return cached
         if forced is not None:
             why = self.reasons(forced, device, forced=True, **inputs)
             if why:
@@ -264,6 +283,8 @@ class Dispatcher:
             if chosen is None:  # torch is last in every order and always serves; keep a guard anyway
                 chosen = "torch"
             decision = Decision(self.op, chosen, False, tuple(rejected))
+        if cache_key is not None:
+            self._decisions[cache_key] = decision
         _last_decisions[self.op] = decision
         return decision
 

@@ -89,3 +89,31 @@ def test_dispatch_traces_under_torch_compile_fullgraph():
     w, b = torch.randn(16), torch.randn(16)
     g = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(g(x, w, b, r), f(x, w, b, r))
+
+
+def test_decisions_are_cached_per_key_forcing_and_checks(monkeypatch):
+    if not backends.extension_status()[0]:
+        pytest.skip("fastbert._C is not built: the cpu backend cannot serve")
+    calls = []
+
+    def check(x, **_):
+        calls.append(x.dtype)
+        return [] if x.dtype == torch.float32 else ["toy: float32 only"]
+
+    d = backends.Dispatcher("toy3", checks={"cpu": check}, key=lambda x, **_: x.dtype)
+    dev, a = torch.device("cpu"), torch.zeros(2)
+    assert d.choose(dev, x=a).backend == "cpu"
+    assert d.choose(dev, x=a).backend == "cpu"
+    assert calls == [torch.float32], "the second call must be answered from the cache"
+    assert d.choose(dev, x=a.double()).backend == "torch"  # another key: the checks run again
+    assert calls == [torch.float32, torch.float64]
+    with fastbert.use_backend("torch"):
+        dec = d.choose(dev, x=a)
+        assert dec.backend == "torch" and dec.forced
+    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    assert d.choose(dev, x=a).forced
+    monkeypatch.delenv("FASTBERT_BACKEND")
+    assert backends.last_decisions()["toy3"].backend == "torch"
+    assert d.choose(dev, x=a).backend == "cpu" and backends.last_decisions()["toy3"].backend == "cpu"
+    d.set_check("cpu", lambda **_: ["changed"])
+    assert d.choose(dev, x=a).backend == "torch", "set_check must drop the cached decisions"

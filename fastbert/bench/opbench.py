@@ -5,7 +5,9 @@
                   F.scaled_dot_product_attention restricted to each of its backends with
                   torch.nn.attention.sdpa_kernel (math, flash, efficient, cudnn); varlen cases pass a
                   key padding mask (SDPA: a bool [B, 1, 1, S] mask, which its flash backend refuses)
-  add_layer_norm  add_layer_norm(x, w, b, residual=r) against F.layer_norm(x + r, ...)
+  add_layer_norm  add_layer_norm(x, w, b, residual=r, x_bias=xb) against F.layer_norm(x + xb + r, ...): the
+                  epilogue of BertSelfOutput/BertOutput as the patched layers run it (the dense layer's
+                  bias folded in as x_bias; dropout off, as in inference)
   linear_gelu     linear_gelu(x, W, b) against F.gelu(F.linear(x, W, b)) and against F.linear alone
                   (the GEMM a fused epilogue should cost nothing on top of)
   bias_gelu       bias_gelu(x, b) against F.gelu(x + b)
@@ -13,9 +15,10 @@
 Modes: "fwd" = an inference forward (no autograd graph); "bwd" = the backward alone, replayed from a
 retained graph with a fixed upstream gradient; "fwd+bwd" = what the op costs in a training step: a
 forward that builds the autograd graph, then the backward through it. "bwd" alone favours a
-composition that materializes intermediates in its forward (F.layer_norm(x + r) saves x + r, so its
-backward reads one tensor where fastbert's add_layer_norm, which never writes x + r, re-reads two);
-"fwd+bwd" charges each design for both halves. FLOPs and bytes (minimum traffic, element size e,
+composition that materializes intermediates in its forward (F.layer_norm(x + xb + r) saves the sum, so
+its LayerNorm backward reads one tensor where fastbert's add_layer_norm, which never writes the sum,
+re-reads two; the composition then reads its gradient once more for xb's); "fwd+bwd" charges each
+design for both halves. FLOPs and bytes (minimum traffic, element size e,
 T = B * S tokens, hidden N, intermediate I, valid lengths L_b):
   attention     fwd 4 * H * D * sum L_b^2, bwd 2.5 x fwd (5 matmuls instead of 2)
   linear_gelu   fwd 2 * T * N * I, bwd 4 * T * N * I            (compute-bound: TFLOP/s, % of peak)
@@ -119,8 +122,8 @@ def make_case(op: str, dims: tuple, batch: int, seq: int, lengths, dtype, device
     elif op == "add_layer_norm":
         per_set = 2 * T * hidden * e
         make = lambda: (rnd(batch, seq, hidden), rnd(batch, seq, hidden), 1.0 + rnd(hidden, scale=0.1),  # noqa: E731
-                        rnd(hidden, scale=0.1))
-        cfg = dict(grad_idx=(0, 1, 2, 3), flops_fwd=None, bytes_fwd=3.0 * T * hidden * e, flops_bwd=None,
+                        rnd(hidden, scale=0.1), rnd(hidden, scale=0.1))
+        cfg = dict(grad_idx=(0, 1, 2, 3, 4), flops_fwd=None, bytes_fwd=3.0 * T * hidden * e, flops_bwd=None,
                    bytes_bwd=4.0 * T * hidden * e)
     elif op == "linear_gelu":
         per_set = T * hidden * e
@@ -170,7 +173,7 @@ def provider_fn(op: str, provider: str, device: torch.device, heads: int) -> Cal
             return o.transpose(1, 2)
         return run
     if provider == "torch-add+layer_norm":
-        return lambda x, r, w, b: F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-12)
+        return lambda x, r, w, b, xb: F.layer_norm(x + xb + r, (x.shape[-1],), w, b, 1e-12)
     if provider == "torch-linear+gelu":
         return lambda x, w, b: F.gelu(F.linear(x, w, b))
     if provider == "torch-linear":
@@ -186,8 +189,8 @@ def _call_fastbert(op, fop, xs, heads):
         q, k, v = qkv.unbind(2)
         return fop(q, k, v, attention_mask=mask)
     if op == "add_layer_norm":
-        x, r, w, b = xs
-        return fop(x, w, b, residual=r, eps=1e-12)
+        x, r, w, b, xb = xs
+        return fop(x, w, b, residual=r, x_bias=xb, eps=1e-12)
     return fop(*xs)
 
 
@@ -199,7 +202,7 @@ def reference_fn(op: str, provider: str) -> Callable:
             return reference.attention(q, k, v, attention_mask=mask)
         return ref
     if op == "add_layer_norm":
-        return lambda x, r, w, b: reference.add_layer_norm(x, w, b, residual=r, eps=1e-12)
+        return lambda x, r, w, b, xb: reference.add_layer_norm(x, w, b, residual=r, x_bias=xb, eps=1e-12)
     if op == "linear_gelu":
         if provider == "torch-linear":
             return lambda x, w, b: F.linear(x, w, b)

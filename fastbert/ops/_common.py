@@ -94,12 +94,21 @@ def kernel(backend: str, op: str, name: str):
     """The torch.ops callable implementing kernel `name` (e.g. "add_layer_norm_fwd") of public op `op`
     on `backend` ("triton", "cuda" or "cpu"). Triton kernels are registered as fastbert::triton_<name>
     by the op module; the cpu/cuda ones are the C++ ops of fastbert._C."""
+    k = _kernels.get((backend, name))
+    if k is not None:
+        return k
     if backend == "triton":
-        return getattr(torch.ops.fastbert, "triton_" + name)
-    if backend in ("cpu", "cuda"):
+        k = getattr(torch.ops.fastbert, "triton_" + name)
+    elif backend in ("cpu", "cuda"):
         backends.extension_status()
-        return getattr(torch.ops.fastbert, name)
-    raise ValueError(f"no kernel table for backend {backend!r}")
+        k = getattr(torch.ops.fastbert, name)
+    else:
+        raise ValueError(f"no kernel table for backend {backend!r}")
+    _kernels[(backend, name)] = k
+    return k
+
+
+_kernels: dict = {}  # (backend, kernel name) -> torch.ops callable, looked up once
 
 
 def triton_module(op: str):

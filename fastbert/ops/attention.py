@@ -106,10 +106,17 @@ def _cuda_check(q, attn_bias, **_) -> List[str]:
     return why
 
 
+def _dispatch_key(q, attn_bias, **_):
+    """Everything the checks above read (the Dispatcher caches decisions by it)."""
+    bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
+    return q.dtype, q.shape[-1], bias_grad
+
+
 DISPATCH = backends.Dispatcher(
     OP,
     kernels=C.cpp_kernels("attention_fwd", "attention_bwd"),
     checks={"triton": _triton_check, "cuda": _cuda_check, "cpu": _cpp_check},
+    key=_dispatch_key,
 )
 
 

@@ -102,11 +102,17 @@ def _kernel_check(x, **_) -> List[str]:
     return []
 
 
+def _dispatch_key(x, **_):
+    """Everything _kernel_check reads (the Dispatchers cache decisions by it)."""
+    return x.dtype
+
+
 _CHECKS = {"triton": _kernel_check, "cuda": _kernel_check, "cpu": _kernel_check}
 DISPATCH_BIAS_GELU = backends.Dispatcher(
-    OP_BIAS_GELU, kernels=C.cpp_kernels("bias_gelu_fwd", "bias_gelu_bwd"), checks=_CHECKS)
+    OP_BIAS_GELU, kernels=C.cpp_kernels("bias_gelu_fwd", "bias_gelu_bwd"), checks=_CHECKS, key=_dispatch_key)
 DISPATCH_LINEAR_GELU = backends.Dispatcher(
-    OP_LINEAR_GELU, kernels=C.cpp_kernels("linear_gelu_fwd", "linear_gelu_bwd"), checks=_CHECKS)
+    OP_LINEAR_GELU, kernels=C.cpp_kernels("linear_gelu_fwd", "linear_gelu_bwd"), checks=_CHECKS,
+    key=_dispatch_key)
 
 
 class _BiasGeluFn(torch.autograd.Function):
