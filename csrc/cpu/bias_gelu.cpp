@@ -241,6 +241,23 @@ void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
   if (has(bias)) check_vector(op, "bias", *bias, weight.size(0), x.scalar_type());
 }
 
+// out = x @ W^T in column chunks of about kGemmCols outputs, each GEMM writing its slice of `out` in
+// place (BLAS leading dimension n: no copies). fp32 on the 2-core AMD EPYC development VM (MKL sgemm,
+// 2 threads): N = 3072 as four N = 768 GEMMs ran 5-12% faster than one, at M = 128 and M = 1024, with
+// bit-identical results (each output element is the same dot product over K).
+constexpr int64_t kGemmCols = 768;
+
+void mm_in_column_chunks(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+  const int64_t n = weight.size(0);
+  const int64_t chunks = (n + kGemmCols - 1) / kGemmCols;
+  const int64_t step = ((n + chunks - 1) / chunks + 63) / 64 * 64;
+  for (int64_t c0 = 0; c0 < n; c0 += step) {
+    const int64_t w = std::min(step, n - c0);
+    at::Tensor slice = out.narrow(1, c0, w);
+    at::mm_out(slice, x, weight.narrow(0, c0, w).t());
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                    const c10::optional<at::Tensor>& bias, c10::string_view approximate,
                                                    bool save_pre) {
@@ -262,7 +279,11 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
     });
     return {out, pre};
   }
-  at::mm_out(out, x, weight.t());  // x @ W^T, in x's dtype (fp32 accumulation inside the GEMM)
+  if (x.scalar_type() == at::kFloat) {
+    mm_in_column_chunks(out, x, weight);
+  } else {
+    at::mm_out(out, x, weight.t());  // x @ W^T, in x's dtype (fp32 accumulation inside the GEMM)
+  }
   FB_DISPATCH(x.scalar_type(), kLgFwd, [&] {
     run_gelu<scalar_t, scalar_t>(tanh, out.data_ptr<scalar_t>(), b.empty() ? nullptr : b.data(), m, n,
                                  out.data_ptr<scalar_t>(), save_pre ? pre.data_ptr<scalar_t>() : nullptr);

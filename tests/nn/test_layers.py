@@ -186,3 +186,17 @@ def test_layer_forced_triton(device):
         ref64 = hf64(x.double(), _additive(mask.cpu(), torch.float64).to(device))
     assert_no_worse("triton layer", got, ref32, ref64, k=3, valid=mask[..., None])
     assert fastbert.backends.last_decisions()["attention"].backend == "triton"
+
+
+def test_cpu_qkv_projection_as_three_gemms():
+    from fastbert.nn import layers as L
+
+    h, w, b = torch.randn(2, 5, 32), torch.randn(96, 32), torch.randn(96)
+    with torch.no_grad():
+        assert L._three_gemms(h, w, b)
+        for bias in (b, None):
+            got = L._qkv_three_gemms(h, w, bias, 32)
+            assert got.shape == (2, 5, 96) and got.is_contiguous()
+            torch.testing.assert_close(got, torch.nn.functional.linear(h, w, bias), rtol=1e-5, atol=1e-5)
+    assert not L._three_gemms(h, w.requires_grad_(), b), "out= GEMMs are not differentiable: autograd needs F.linear"
+    assert not L._three_gemms(h.double(), w.double(), b.double())

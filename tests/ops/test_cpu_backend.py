@@ -128,6 +128,7 @@ def test_bias_gelu(dtype, approximate, rows, n, with_bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,k,n,with_bias,save_pre,approximate", [
     (7, 64, 96, True, True, "none"), (1, 48, 40, False, False, "tanh"), (33, 32, 129, True, False, "none"),
+    (5, 16, 1601, True, True, "none"),  # fp32: the GEMM in three column chunks (576, 576, 449)
 ])
 def test_linear_gelu(dtype, m, k, n, with_bias, save_pre, approximate):
     x = torch.randn(m, k).to(dtype)
