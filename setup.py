@@ -93,7 +93,10 @@ def _extensions():
     # torch already loaded (its lib/ directory), so no second OpenMP runtime is linked in.
     # -fvisibility-inlines-hidden: as torch is built, so the at::vec inline code of this library never
     # interposes with (or is interposed by) torch's own copies.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility-inlines-hidden",
+    # No -std here: torch's BuildExtension adds the standard its own headers need (C++17 up to torch 2.13's
+    # minimum, C++20 from 2.14, whose headers use <=> and concepts); a fixed -std=c++17 after it broke the
+    # build against torch 2.14.1. The .cu kernels include no torch headers and keep nvcc's C++17 below.
+    cxx_flags = ["-O3", "-fopenmp", "-fvisibility-inlines-hidden",
                  "-DFASTBERT_WITH_CUDA=%d" % int(want_cuda)] + _cpu_simd_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     # libstdc++ as a shared library, named explicitly so it is found before any static copy a compiler

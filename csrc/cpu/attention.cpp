@@ -294,9 +294,10 @@ void fwd_task(const Problem& P, const at::Tensor& q, const at::Tensor& k, const 
   std::vector<int32_t> kidx;
   P.keys(b, nk_all, kidx);
   const int64_t nk = static_cast<int64_t>(kidx.size()), nkp = round_up(nk, kCol);
-  std::vector<float> Kt(D * nkp), V(nkp * Dp);
-  load_keys<T>(P, k, b, start, h, kidx, nkp, Dp, V.data(), Kt.data());  // V's buffer holds K's rows meanwhile
-  load_keys<T>(P, v, b, start, h, kidx, nkp, Dp, V.data(), nullptr);
+  // load_keys writes every element (padding included): no zero-filled allocation needed
+  auto Kt = scratch_f32(D * nkp), V = scratch_f32(nkp * Dp);
+  load_keys<T>(P, k, b, start, h, kidx, nkp, Dp, V.get(), Kt.get());  // V's buffer holds K's rows meanwhile
+  load_keys<T>(P, v, b, start, h, kidx, nkp, Dp, V.get(), nullptr);
   // one key tile when the keys fit (no rescaling of o): a BQ x bk score tile stays in L2
   const int64_t bk = std::min(BK, nkp);
   std::vector<float> Q(BQ * D), S(BQ * bk), O(BQ * Dp), m(BQ), l(BQ), z(bk);
@@ -319,7 +320,7 @@ void fwd_task(const Problem& P, const at::Tensor& q, const at::Tensor& k, const 
         P.causal ? std::upper_bound(kidx.begin(), kidx.end(), static_cast<int32_t>(q0 + qn - 1)) - kidx.begin() : nk;
     for (int64_t kb = 0; kb < kend; kb += bk) {
       const int64_t width = std::min(bk, nkp - kb), nv = std::min(bk, kend - kb);
-      gemm_f32(qn, width, D, Q.data(), D, Kt.data() + kb, nkp, S.data(), bk, P.scale, false);
+      gemm_f32(qn, width, D, Q.data(), D, Kt.get() + kb, nkp, S.data(), bk, P.scale, false);
       for (int64_t r = 0; r < qn; ++r) {
         const int64_t i = q0 + r;
         float* s = S.data() + r * bk;
@@ -351,7 +352,7 @@ void fwd_task(const Problem& P, const at::Tensor& q, const at::Tensor& k, const 
           for (int64_t c = 0; c < nv; ++c) s[c] *= z[c];
         }
       }
-      gemm_f32(qn, Dp, width, S.data(), bk, V.data() + kb * Dp, Dp, O.data(), Dp, 1.f, true);
+      gemm_f32(qn, Dp, width, S.data(), bk, V.get() + kb * Dp, Dp, O.data(), Dp, 1.f, true);
     }
     for (int64_t r = 0; r < qn; ++r) {
       if (r + kAhead < qn) prefetch_row<true>(ob + P.row(out, b, start, h, q0 + r + kAhead), D * sizeof(T));
@@ -382,9 +383,14 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
   std::vector<int32_t> kidx;
   P.keys(b, nk_all, kidx);
   const int64_t nk = static_cast<int64_t>(kidx.size()), nkp = round_up(nk, kCol);
-  std::vector<float> Kt(D * nkp), Krow(nkp * Dp), Vt(D * nkp), Vrow(nkp * Dp);
-  load_keys<T>(P, k, b, start, h, kidx, nkp, Dp, Krow.data(), Kt.data());
-  load_keys<T>(P, v, b, start, h, kidx, nkp, Dp, Vrow.data(), Vt.data());
+  // load_keys writes every element (padding included): no zero-filled allocation needed. V's rows are only
+  // staged for the transpose, in dV's buffer, which is zeroed afterwards.
+  auto Kt = scratch_f32(D * nkp), Krow = scratch_f32(nkp * Dp), Vt = scratch_f32(D * nkp);
+  auto dK = scratch_f32(nkp * Dp), dV = scratch_f32(nkp * Dp);
+  load_keys<T>(P, k, b, start, h, kidx, nkp, Dp, Krow.get(), Kt.get());
+  load_keys<T>(P, v, b, start, h, kidx, nkp, Dp, dV.get(), Vt.get());
+  std::fill(dK.get(), dK.get() + nkp * Dp, 0.f);
+  std::fill(dV.get(), dV.get() + nkp * Dp, 0.f);
   // queries and output gradient, zero padded to Dp
   std::vector<float> Q(nq * Dp, 0.f), dO(nq * Dp, 0.f), dQ(nq * Dp, 0.f);
   const T *qb = q.data_ptr<T>(), *gb = g.data_ptr<T>();
@@ -396,7 +402,6 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
     to_f32(qb + P.row(q, b, start, h, i), Q.data() + i * Dp, D);
     to_f32(gb + P.row(g, b, start, h, i), dO.data() + i * Dp, D);
   }
-  std::vector<float> dK(nkp * Dp, 0.f), dV(nkp * Dp, 0.f);
   const int64_t bq = std::max<int64_t>(1, std::min<int64_t>(64, kBwdScoreFloats / std::max<int64_t>(nkp, 1)));
   std::vector<float> S(bq * nkp), dP(bq * nkp), z(nkp);
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -408,8 +413,8 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
         P.causal ? std::upper_bound(kidx.begin(), kidx.end(), static_cast<int32_t>(q0 + qn - 1)) - kidx.begin() : nk;
     if (kend == 0) continue;  // no visible key: these rows' gradients are 0
     const int64_t w = round_up(kend, kCol);
-    gemm_f32(qn, w, D, Q.data() + q0 * Dp, Dp, Kt.data(), nkp, S.data(), nkp, P.scale, false);
-    gemm_f32(qn, w, D, dO.data() + q0 * Dp, Dp, Vt.data(), nkp, dP.data(), nkp, 1.f, false);
+    gemm_f32(qn, w, D, Q.data() + q0 * Dp, Dp, Kt.get(), nkp, S.data(), nkp, P.scale, false);
+    gemm_f32(qn, w, D, dO.data() + q0 * Dp, Dp, Vt.get(), nkp, dP.data(), nkp, 1.f, false);
     for (int64_t r = 0; r < qn; ++r) {
       const int64_t i = q0 + r;
       float* p = S.data() + r * nkp;
@@ -452,9 +457,9 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
       }
     }
     // dV += (zP)^T dO ; dK += scale dS^T Q ; dQ = scale dS K
-    gemm_f32_at(w, Dp, qn, S.data(), nkp, dO.data() + q0 * Dp, Dp, dV.data(), Dp, 1.f, true);
-    gemm_f32_at(w, Dp, qn, dP.data(), nkp, Q.data() + q0 * Dp, Dp, dK.data(), Dp, P.scale, true);
-    gemm_f32(qn, Dp, w, dP.data(), nkp, Krow.data(), Dp, dQ.data() + q0 * Dp, Dp, P.scale, false);
+    gemm_f32_at(w, Dp, qn, S.data(), nkp, dO.data() + q0 * Dp, Dp, dV.get(), Dp, 1.f, true);
+    gemm_f32_at(w, Dp, qn, dP.data(), nkp, Q.data() + q0 * Dp, Dp, dK.get(), Dp, P.scale, true);
+    gemm_f32(qn, Dp, w, dP.data(), nkp, Krow.get(), Dp, dQ.data() + q0 * Dp, Dp, P.scale, false);
   }
   T *gqb = gq.data_ptr<T>(), *gkb = gk.data_ptr<T>(), *gvb = gv.data_ptr<T>();
   for (int64_t i = 0; i < nq; ++i) {
@@ -470,8 +475,8 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
       prefetch_row<true>(gvb + P.row(gv, b, start, h, j + kAhead), D * sizeof(T));
     }
     const bool kept = c < nk && kidx[c] == j;
-    from_f32(kept ? dK.data() + c * Dp : zeros.data(), gkb + P.row(gk, b, start, h, j), D);
-    from_f32(kept ? dV.data() + c * Dp : zeros.data(), gvb + P.row(gv, b, start, h, j), D);
+    from_f32(kept ? dK.get() + c * Dp : zeros.data(), gkb + P.row(gk, b, start, h, j), D);
+    from_f32(kept ? dV.get() + c * Dp : zeros.data(), gvb + P.row(gv, b, start, h, j), D);
     if (kept) ++c;
   }
 }
