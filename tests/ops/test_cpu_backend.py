@@ -377,6 +377,11 @@ def _attn(q=None, k=None, v=None, mask=None, bias=None, cu=None, max_seqlen=0, p
     (lambda: _ln(p=0.1), "seed must be given"),
     (lambda: _ln(p=0.1, seed=torch.tensor([1.0])), "seed must be an int64"),
     (lambda: _ln(p=1.0, seed=torch.tensor([1])), "dropout_p"),
+    # the training forward that also returns the pre-norm sum shares the checks, under its own name
+    (lambda: OPS.add_layer_norm_fwd_pre(torch.randn(4, 8), torch.ones(8), None, torch.randn(4, 9), None, 1e-5, 0.0,
+                                        None), "add_layer_norm_fwd_pre: residual must have x's shape"),
+    (lambda: OPS.add_layer_norm_fwd_pre(torch.randn(4, 8), torch.ones(7), None, None, None, 1e-5, 0.0, None),
+     "add_layer_norm_fwd_pre: weight must have shape"),
     (lambda: OPS.bias_gelu_fwd(torch.randn(2, 4), torch.randn(5), "none"), "bias must have shape"),
     (lambda: OPS.bias_gelu_fwd(torch.randn(2, 4), None, "sigmoid"), "approximate"),
     (lambda: OPS.bias_gelu_bwd(torch.randn(2, 5), torch.randn(2, 4), None, "none"), "grad_out must have x's shape"),
