@@ -88,6 +88,14 @@ def _extensions():
     if want_cuda and not (nvcc and os.path.exists(nvcc)):
         print("fastbert: nvcc not found; building the CPU part of fastbert._C only", file=sys.stderr)
         want_cuda = False
+    # torch takes CUDA_HOME from the nvcc on the PATH (its parent's parent); a wrapper script such as
+    # /usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc then points it at a folder without the
+    # toolkit's headers, and the host compile of csrc/cuda_bindings fails on <cuda_runtime.h>.
+    if want_cuda and not (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))):
+        print(f"fastbert: no CUDA toolkit headers under CUDA_HOME={CUDA_HOME!r} (include/cuda_runtime.h); set "
+              "CUDA_HOME to the toolkit's folder for the CUDA kernels. Building the CPU part of fastbert._C only",
+              file=sys.stderr)
+        want_cuda = False
 
     # -fopenmp: at::parallel_for in csrc/cpu runs on OpenMP; the symbols resolve to the libgomp that
     # torch already loaded (its lib/ directory), so no second OpenMP runtime is linked in.
