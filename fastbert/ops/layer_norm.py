@@ -54,10 +54,6 @@ def _bwd_fake(grad_out, x, weight, bias, residual, x_bias, mean, rstd, dropout_p
 
 C.register_fake_both("add_layer_norm_fwd", _fwd_fake)
 C.register_fake_both("add_layer_norm_bwd", _bwd_fake)
-if backends.extension_status()[0] and hasattr(torch.ops.fastbert, "add_layer_norm_fwd_pre"):
-    @torch.library.register_fake("fastbert::add_layer_norm_fwd_pre")
-    def _fwd_pre_fake(x, weight, bias, residual, x_bias, eps, dropout_p, seed):
-        return _fwd_fake(x, weight, bias, residual, x_bias, eps, dropout_p, seed) + (x.new_empty(x.shape),)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,33 +85,12 @@ DISPATCH = backends.Dispatcher(
 )
 
 
-def _saves_pre(backend: str, x: torch.Tensor, dropout_p: float) -> bool:
-    """Whether the training forward saves the pre-norm sum h for the backward (cpu backend, fp32, no
-    dropout). The backward then reads grad_out and h, where recomputing h reads grad_out, x and residual:
-    one tensor less, the traffic of F.layer_norm's own backward (the forward writes h once more). The
-    gradients are bit-identical either way: the saved fp32 h is the h the backward would recompute.
-    Not for fp16/bf16 (h rounded to 16 bits would cost gradient accuracy) nor with dropout (the
-    backward needs x's dropout mask anyway)."""
-    return (backend == "cpu" and dropout_p == 0.0 and x.dtype == torch.float32
-            and backends.has_kernel("add_layer_norm_fwd_pre", "CPU"))
-
-
 class _AddLayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, x_bias, eps, dropout_p, seed, backend):
-        if _saves_pre(backend, x, dropout_p):
-            out, mean, rstd, pre = torch.ops.fastbert.add_layer_norm_fwd_pre(
-                x, weight, bias, residual, x_bias, eps, dropout_p, seed)
-            # the backward sees h as its x, with no residual; a zero x_bias keeps x_bias's gradient (the
-            # column sum of grad_pre) in the same pass
-            zero_xb = None if x_bias is None else torch.zeros_like(x_bias)
-            ctx.save_for_backward(pre, weight, bias, None, zero_xb, mean, rstd, seed)
-        else:
-            out, mean, rstd = C.kernel(backend, OP, "add_layer_norm_fwd")(
-                x, weight, bias, residual, x_bias, eps, dropout_p, seed)
-            ctx.save_for_backward(x, weight, bias, residual, x_bias, mean, rstd, seed)
-        ctx.has_residual = residual is not None
-        ctx.has_x_bias = x_bias is not None
+        out, mean, rstd = C.kernel(backend, OP, "add_layer_norm_fwd")(
+            x, weight, bias, residual, x_bias, eps, dropout_p, seed)
+        ctx.save_for_backward(x, weight, bias, residual, x_bias, mean, rstd, seed)
         ctx.dropout_p = dropout_p
         ctx.backend = backend
         return out
@@ -132,8 +107,8 @@ class _AddLayerNormFn(torch.autograd.Function):
             g_x if need[0] else None,
             g_w if need[1] else None,
             g_b if (bias is not None and need[2]) else None,
-            g_pre if (ctx.has_residual and need[3]) else None,
-            g_xb if (ctx.has_x_bias and need[4]) else None,
+            g_pre if (residual is not None and need[3]) else None,
+            g_xb if (x_bias is not None and need[4]) else None,
             None, None, None, None,
         )
 
