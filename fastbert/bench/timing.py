@@ -135,18 +135,27 @@ def bench_interleaved(fns: Dict[Any, Callable[[int], object]], n_inputs: int, de
     """Time several callables of one case against each other: each is warmed up and gets the
     repetition count `bench` would give it, but the repetitions run in rounds, one call of each
     callable per round, the order rotating every round. Every call is timed on its own
-    (synchronized on a GPU), so per-call figures mean what they mean in `bench`."""
+    (synchronized on a GPU), so per-call figures mean what they mean in `bench`.
+
+    Each call takes the input set after the previous call's, whichever provider made it. The providers'
+    sets share storage (views of the same tensors), so when a round gave every provider the same set,
+    all but the round's first found their inputs in the cache the first had just filled: a provider's
+    median mixed cold calls with calls warmed by its peers (on the 2-core VM this moved add_layer_norm
+    fwd+bwd ratios by tens of percent between runs). Now a set comes back only after n_inputs calls,
+    which the rotation sizes to overflow the last-level cache, as in `bench`."""
     device = torch.device(device)
     s = settings or SETTINGS[("cuda" if device.type == "cuda" else "cpu", quick)]
     n_inputs = max(1, int(n_inputs))
     names = list(fns)
     reps = {name: _warm_up(fns[name], n_inputs, device, s) for name in names}
     times: Dict[Any, list] = {name: [] for name in names}
+    call = 0  # every call takes the next input set, whichever provider makes it
     for r in range(max(reps.values(), default=0)):
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
             if r < reps[name]:
-                times[name].append(_one_call_ms(fns[name], r % n_inputs, device))
+                times[name].append(_one_call_ms(fns[name], call % n_inputs, device))
+                call += 1
     return {name: summarize(times[name]) for name in names}
 
 
