@@ -1,7 +1,11 @@
 // Every C++ op's schema, in one place. Kernels are registered per device elsewhere:
 //   csrc/cpu/<op>.cpp             TORCH_LIBRARY_IMPL(fastbert, CPU, m)    (one block per file)
 //   csrc/cuda_bindings/*.cpp      TORCH_LIBRARY_IMPL(fastbert, CUDA, m)   (CUDA builds only)
-// Fake (meta) kernels and the autograd wiring live on the Python side, in fastbert/ops/<op>.py.
+//   csrc/autograd.cpp             TORCH_LIBRARY_IMPL(fastbert, Autograd / CompositeExplicitAutograd, m):
+//                                 the training ops add_layer_norm, bias_gelu, linear_gelu (C++ graph nodes
+//                                 over the _fwd/_bwd kernels of whichever device the inputs are on)
+// Fake (meta) kernels, and the autograd wiring of the triton backend, live on the Python side, in
+// fastbert/ops/<op>.py.
 //
 // Conventions shared by every backend (the Triton ops registered from Python use the same ones):
 // - 2-D activations are [rows, N] with unit stride along N; the Python front end flattens.
@@ -22,6 +26,14 @@ TORCH_LIBRARY(fastbert, m) {
       "add_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
       "Tensor? x_bias, Tensor mean, Tensor rstd, float dropout_p, Tensor? seed) -> "
       "(Tensor grad_pre, Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_x_bias)");
+
+  // The differentiable ops the cpu/cuda backends run when a gradient is wanted: forward kernel, C++ graph
+  // node, backward kernel (csrc/autograd.cpp). Same arguments as the _fwd kernels; return only the output.
+  m.def(
+      "add_layer_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? x_bias, float eps, "
+      "float dropout_p, Tensor? seed) -> Tensor");
+  m.def("bias_gelu(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  m.def("linear_gelu(Tensor x, Tensor weight, Tensor? bias, str approximate) -> Tensor");
 
   // gelu(x + bias); approximate is "none" (erf) or "tanh".
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");

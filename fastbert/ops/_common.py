@@ -130,6 +130,11 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Backends whose training path is the C++ differentiable op fastbert::<op> (csrc/autograd.cpp) rather than
+# the op module's Python autograd.Function: a C++ graph node costs a fraction of a Python one per call.
+CPP_AUTOGRAD = ("cpu", "cuda")
+
+
 def cpp_kernels(*names: str):
     """The C++ kernel names an op needs from the cpu and cuda backends (for Dispatcher(kernels=...))."""
     return {"cpu": names, "cuda": names}

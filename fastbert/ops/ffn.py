@@ -116,6 +116,8 @@ DISPATCH_LINEAR_GELU = backends.Dispatcher(
 
 
 class _BiasGeluFn(torch.autograd.Function):
+    """The triton backend's autograd (cpu/cuda: fastbert::bias_gelu, a C++ graph node)."""
+
     @staticmethod
     def forward(ctx, x, bias, approximate, backend):
         out = C.kernel(backend, OP_BIAS_GELU, "bias_gelu_fwd")(x, bias, approximate)
@@ -134,6 +136,8 @@ class _BiasGeluFn(torch.autograd.Function):
 
 
 class _LinearGeluFn(torch.autograd.Function):
+    """The triton backend's autograd (cpu/cuda: fastbert::linear_gelu, a C++ graph node)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, approximate, save_pre, backend):
         out, pre = C.kernel(backend, OP_LINEAR_GELU, "linear_gelu_fwd")(x, weight, bias, approximate, save_pre)
@@ -183,7 +187,10 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *, approximate: str
     x2 = x.reshape(-1, n).contiguous()
     b = bias.contiguous() if bias is not None else None
     if C.needs_grad(x, bias):
-        out = _BiasGeluFn.apply(x2, b, approximate, decision.backend)
+        if decision.backend in C.CPP_AUTOGRAD:
+            out = torch.ops.fastbert.bias_gelu(x2, b, approximate)  # C++ graph node (csrc/autograd.cpp)
+        else:
+            out = _BiasGeluFn.apply(x2, b, approximate, decision.backend)
     else:
         out = C.kernel(decision.backend, OP_BIAS_GELU, "bias_gelu_fwd")(x2, b, approximate)
     return out.reshape(x.shape)
@@ -223,7 +230,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     x2 = x.reshape(-1, k).contiguous()
     w, b = weight.contiguous(), bias.contiguous() if bias is not None else None
     if C.needs_grad(x, weight, bias):
-        out = _LinearGeluFn.apply(x2, w, b, approximate, True, decision.backend)
+        if decision.backend in C.CPP_AUTOGRAD:
+            out = torch.ops.fastbert.linear_gelu(x2, w, b, approximate)  # C++ graph node (csrc/autograd.cpp)
+        else:
+            out = _LinearGeluFn.apply(x2, w, b, approximate, True, decision.backend)
     else:
         out = C.kernel(decision.backend, OP_LINEAR_GELU, "linear_gelu_fwd")(x2, w, b, approximate, False)[0]
     return out.reshape(*x.shape[:-1], n)

@@ -86,6 +86,9 @@ DISPATCH = backends.Dispatcher(
 
 
 class _AddLayerNormFn(torch.autograd.Function):
+    """The triton backend's autograd (the cpu/cuda backends use fastbert::add_layer_norm, whose graph node
+    is C++: csrc/autograd.cpp)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, residual, x_bias, eps, dropout_p, seed, backend):
         out, mean, rstd = C.kernel(backend, OP, "add_layer_norm_fwd")(
@@ -175,7 +178,10 @@ def add_layer_norm(
     args = (x2, weight.contiguous(), bias.contiguous() if bias is not None else None, r2,
             x_bias.contiguous() if x_bias is not None else None, eps, dropout_p, seed)
     if C.needs_grad(x, weight, bias, residual, x_bias):
-        out = _AddLayerNormFn.apply(*args, decision.backend)
+        if decision.backend in C.CPP_AUTOGRAD:
+            out = torch.ops.fastbert.add_layer_norm(*args)  # C++ graph node (csrc/autograd.cpp)
+        else:
+            out = _AddLayerNormFn.apply(*args, decision.backend)
     else:
         out = C.kernel(decision.backend, OP, "add_layer_norm_fwd")(*args)[0]
     return out if flat else out.reshape(x.shape)

@@ -365,6 +365,121 @@ def test_bad_inputs_name_the_argument(call, match):
 
 
 # ----------------------------------------------------------------------------------------------
+# the differentiable ops (csrc/autograd.cpp): a C++ graph node over the _fwd/_bwd kernels
+# ----------------------------------------------------------------------------------------------
+def _grads(out, inputs, grad):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return out.detach(), torch.autograd.grad(out, wanted, grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", ["all", "nobias", "plain", "dropout", "x_only"])
+def test_add_layer_norm_autograd_op_is_the_kernels(dtype, opts):
+    """fastbert::add_layer_norm under autograd returns add_layer_norm_fwd's output and exactly the
+    gradients add_layer_norm_bwd gives (grad_x = grad_pre without dropout, = the masked grad_x with it),
+    for every input that requires grad and none for the others."""
+    rows, n = 9, 40
+    x = torch.randn(rows, n).to(dtype)
+    w = (1 + 0.1 * torch.randn(n)).to(dtype)
+    b = None if opts in ("nobias", "plain") else (0.1 * torch.randn(n)).to(dtype)
+    r = None if opts == "plain" else torch.randn(rows, n).to(dtype)
+    xb = (0.1 * torch.randn(n)).to(dtype) if opts in ("all", "dropout", "x_only") else None
+    p, seed = (0.25, torch.tensor([77])) if opts == "dropout" else (0.0, None)
+    grad = torch.randn(rows, n).to(dtype)
+    out_k, mean, rstd = OPS.add_layer_norm_fwd(x, w, b, r, xb, 1e-5, p, seed)
+    g_pre, g_x, g_w, g_b, g_xb = OPS.add_layer_norm_bwd(grad, x, w, b, r, xb, mean, rstd, p, seed)
+    expect = {"x": g_pre if p == 0.0 else g_x, "w": g_w, "b": g_b, "r": g_pre, "xb": g_xb}
+
+    inputs = dict(x=x, w=w, b=b, r=r, xb=xb)
+    leaves = {k: None if t is None else _req(t) for k, t in inputs.items()}
+    if opts == "x_only":
+        for k in ("w", "xb", "r", "b"):
+            if leaves[k] is not None:
+                leaves[k].requires_grad_(False)
+    out = OPS.add_layer_norm(leaves["x"], leaves["w"], leaves["b"], leaves["r"], leaves["xb"], 1e-5, p, seed)
+    assert out.grad_fn is not None and "CppFunction" in type(out.grad_fn).__name__
+    got_out, got = _grads(out, list(leaves.values()), grad)
+    assert torch.equal(got_out, out_k)
+    names = [k for k, t in leaves.items() if t is not None and t.requires_grad]
+    assert names == (["x"] if opts == "x_only" else [k for k, t in inputs.items() if t is not None])
+    for k, g in zip(names, got):
+        assert torch.equal(g, expect[k]), f"grad of {k} differs from add_layer_norm_bwd's"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_autograd_ops_are_the_kernels(dtype, with_bias, approximate):
+    """fastbert::bias_gelu and fastbert::linear_gelu under autograd: the _fwd kernel's output and the
+    _bwd kernel's gradients, exactly (bias_gelu's bias gradient is grad_x summed over rows)."""
+    x, g = torch.randn(11, 24).to(dtype), torch.randn(11, 24).to(dtype)
+    b = (0.1 * torch.randn(24)).to(dtype) if with_bias else None
+    out_k = OPS.bias_gelu_fwd(x, b, approximate)
+    gx_k = OPS.bias_gelu_bwd(g, x, b, approximate)
+    xl, bl = _req(x), None if b is None else _req(b)
+    out = OPS.bias_gelu(xl, bl, approximate)
+    got_out, got = _grads(out, [xl, bl], g)
+    assert torch.equal(got_out, out_k) and torch.equal(got[0], gx_k)
+    if with_bias:
+        assert torch.equal(got[1], gx_k.sum(0))
+
+    W = (torch.randn(16, 24) / 5).to(dtype)
+    lb = b[:16] if with_bias else None
+    gl = torch.randn(11, 16).to(dtype)
+    out_k, pre = OPS.linear_gelu_fwd(x, W, lb, approximate, True)
+    gk = OPS.linear_gelu_bwd(gl, x, W, lb, pre, approximate)
+    xl, Wl, bl = _req(x), _req(W), None if lb is None else _req(lb)
+    out = OPS.linear_gelu(xl, Wl, bl, approximate)
+    got_out, got = _grads(out, [xl, Wl, bl], gl)
+    assert torch.equal(got_out, out_k)
+    for name, a, e in zip(("x", "weight", "bias"), got, gk):
+        assert torch.equal(a, e), f"linear_gelu grad of {name} differs from linear_gelu_bwd's"
+
+
+def test_front_ends_train_through_the_cpp_node():
+    """On the cpu backend the public ops' training path is the C++ graph node, not a Python Function."""
+    from fastbert import ops
+
+    x, w, b = _req(torch.randn(2, 3, 8)), _req(torch.ones(8)), _req(torch.zeros(8))
+    with backends.use_backend("cpu"):
+        outs = {
+            "add_layer_norm": ops.add_layer_norm(x, w, b, residual=x, x_bias=b),
+            "bias_gelu": ops.bias_gelu(x, b),
+            "linear_gelu": ops.linear_gelu(x, _req(torch.randn(5, 8)), None),
+        }
+    for name, out in outs.items():
+        node = out.grad_fn
+        while node is not None and type(node).__name__ in ("ViewBackward0", "ReshapeAliasBackward0",
+                                                            "UnsafeViewBackward0"):
+            node = node.next_functions[0][0]
+        assert node is not None and "CppFunction" in type(node).__name__, f"{name}: {out.grad_fn}"
+
+
+def test_autograd_ops_without_grad_run_the_forward_only():
+    """No input requires grad (or grad mode is off): the differentiable ops give the forward kernel's
+    output with no graph node."""
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    out = OPS.add_layer_norm(x, w, b, None, None, 1e-5, 0.0, None)
+    assert out.grad_fn is None and torch.equal(out, OPS.add_layer_norm_fwd(x, w, b, None, None, 1e-5, 0.0, None)[0])
+    with torch.no_grad():
+        out = OPS.bias_gelu(_req(x), _req(b), "none")
+    assert out.grad_fn is None and not out.requires_grad
+    W = torch.randn(3, 8)
+    out = OPS.linear_gelu(x, W, None, "none")
+    assert out.grad_fn is None and torch.equal(out, OPS.linear_gelu_fwd(x, W, None, "none", False)[0])
+
+
+def test_autograd_op_bad_inputs_name_the_argument():
+    """The differentiable ops check through their forward kernels: messages name the argument."""
+    with pytest.raises(RuntimeError, match="add_layer_norm_fwd: residual must have x's shape"):
+        OPS.add_layer_norm(_req(torch.randn(4, 8)), torch.ones(8), None, torch.randn(4, 9), None, 1e-5, 0.0, None)
+    with pytest.raises(RuntimeError, match="approximate"):
+        OPS.bias_gelu(_req(torch.randn(4, 8)), None, "exact")
+    with pytest.raises(RuntimeError, match="weight"):
+        OPS.linear_gelu(_req(torch.randn(4, 8)), torch.randn(3, 7), None, "none")
+
+
+# ----------------------------------------------------------------------------------------------
 # opcheck (schemas vs the Python fake kernels, autograd registration, aot dispatch) and threads
 # ----------------------------------------------------------------------------------------------
 def _op_cases():
@@ -392,7 +507,17 @@ def _op_cases():
         ("attention_bwd", (torch.randn_like(ao), q, k, v, ao, lse, mask, ab, None, 0, True, 0.25, 0.1, s)),
         ("attention_fwd", (qp, qp, qp, None, None, cu, 5, False, 0.25, 0.0, None)),
         ("attention_bwd", (torch.randn_like(po), qp, qp, qp, po, plse, None, None, cu, 5, False, 0.25, 0.0, None)),
+        # the differentiable ops (csrc/autograd.cpp): opcheck tests their autograd when inputs require grad
+        ("add_layer_norm", (_req(x), _req(w), _req(b), _req(r), _req(b), 1e-5, 0.1, s)),
+        ("add_layer_norm", (x, w, None, None, None, 1e-5, 0.0, None)),
+        ("bias_gelu", (_req(x), _req(b), "tanh")),
+        ("linear_gelu", (_req(x), _req(lw), _req(b[:16]), "none")),
+        ("linear_gelu", (_req(x), _req(lw), None, "tanh")),
     ]
+
+
+def _req(t):
+    return t.detach().clone().requires_grad_(True)
 
 
 def test_opcheck():
