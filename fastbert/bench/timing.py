@@ -140,9 +140,9 @@ def bench_interleaved(fns: Dict[Any, Callable[[int], object]], n_inputs: int, de
     Each call takes the input set after the previous call's, whichever provider made it. The providers'
     sets share storage (views of the same tensors), so when a round gave every provider the same set,
     all but the round's first found their inputs in the cache the first had just filled: a provider's
-    median mixed cold calls with calls warmed by its peers (on the 2-core VM this moved add_layer_norm
-    fwd+bwd ratios by tens of percent between runs). Now a set comes back only after n_inputs calls,
-    which the rotation sizes to overflow the last-level cache, as in `bench`."""
+    median mixed cold calls with calls warmed by its peers, by an amount that depended on the order.
+    Now a set comes back only after n_inputs calls, which the rotation sizes to overflow the last-level
+    cache, as in `bench`."""
     device = torch.device(device)
     s = settings or SETTINGS[("cuda" if device.type == "cuda" else "cpu", quick)]
     n_inputs = max(1, int(n_inputs))
