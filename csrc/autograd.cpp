@@ -44,8 +44,16 @@ using AlnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const at::Tensor&, const at::Tensor&, double, const OptTensor&);
 
+using AlnFwdPreSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
+    const OptTensor&);
+
 const c10::TypedOperatorHandle<AlnFwdSig>& aln_fwd() {
   static const auto op = kernel_op<AlnFwdSig>("fastbert::add_layer_norm_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<AlnFwdPreSig>& aln_fwd_pre() {
+  static const auto op = kernel_op<AlnFwdPreSig>("fastbert::add_layer_norm_fwd_pre");
   return op;
 }
 const c10::TypedOperatorHandle<AlnBwdSig>& aln_bwd() {
@@ -53,26 +61,48 @@ const c10::TypedOperatorHandle<AlnBwdSig>& aln_bwd() {
   return op;
 }
 
+// Whether the forward saves the pre-norm sum h for the backward: CPU, fp32, no dropout. The backward
+// then reads grad_out and h where recomputing h reads grad_out, x and residual -- the traffic of
+// F.layer_norm's own backward -- and the forward writes h once more. Gradients are bit-identical either
+// way (the saved fp32 h is the h the backward would recompute). Not for fp16/bf16 (h rounded to 16 bits
+// would cost gradient accuracy), nor with dropout (the backward needs x's dropout mask anyway), nor on
+// CUDA (add_layer_norm_fwd_pre has a CPU kernel only).
+bool saves_pre(const at::Tensor& x, double dropout_p) {
+  return dropout_p == 0.0 && x.scalar_type() == at::kFloat && x.device().is_cpu();
+}
+
 struct AddLayerNormFn : public torch::autograd::Function<AddLayerNormFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const OptTensor& bias, const OptTensor& residual, const OptTensor& x_bias, double eps,
                             double dropout_p, const OptTensor& seed) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, mean, rstd] = aln_fwd().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
-    ctx->save_for_backward({x, weight, or_undefined(bias), or_undefined(residual), or_undefined(x_bias), mean, rstd,
-                            or_undefined(seed)});
+    at::Tensor out, mean, rstd;
+    if (saves_pre(x, dropout_p)) {
+      at::Tensor pre;
+      std::tie(out, mean, rstd, pre) = aln_fwd_pre().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
+      // the backward sees h as its x, with no residual; a zero x_bias keeps x_bias's gradient (the column
+      // sum of grad_pre) in the same pass
+      const at::Tensor zero_xb = x_bias.has_value() ? at::zeros_like(*x_bias) : at::Tensor();
+      ctx->save_for_backward({pre, weight, or_undefined(bias), at::Tensor(), zero_xb, mean, rstd, at::Tensor()});
+    } else {
+      std::tie(out, mean, rstd) = aln_fwd().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
+      ctx->save_for_backward({x, weight, or_undefined(bias), or_undefined(residual), or_undefined(x_bias), mean,
+                              rstd, or_undefined(seed)});
+    }
     ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const double p = ctx->saved_data["dropout_p"].toDouble();
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
     auto [g_pre, g_x, g_w, g_b, g_xb] = aln_bwd().call(grads[0].contiguous(), s[0], s[1], or_none(s[2]),
                                                        or_none(s[3]), or_none(s[4]), s[5], s[6], p, or_none(s[7]));
     if (p == 0.0) g_x = g_pre;  // no dropout: d/dx = d/d(pre-norm sum)
     const at::Tensor none;
-    return {g_x, g_w, s[2].defined() ? g_b : none, s[3].defined() ? g_pre : none, s[4].defined() ? g_xb : none,
+    return {g_x, g_w, s[2].defined() ? g_b : none, has_residual ? g_pre : none, s[4].defined() ? g_xb : none,
             none, none, none};
   }
 };

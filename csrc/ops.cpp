@@ -20,6 +20,12 @@ TORCH_LIBRARY(fastbert, m) {
   m.def(
       "add_layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? x_bias, "
       "float eps, float dropout_p, Tensor? seed) -> (Tensor out, Tensor mean, Tensor rstd)");
+  // The same, also returning the pre-norm sum h = dropout(x + x_bias) + residual in x's dtype (CPU only:
+  // the cpu backend's training forward at dropout_p == 0 saves h, so that its backward reads h instead
+  // of x and residual; see csrc/autograd.cpp).
+  m.def(
+      "add_layer_norm_fwd_pre(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? x_bias, "
+      "float eps, float dropout_p, Tensor? seed) -> (Tensor out, Tensor mean, Tensor rstd, Tensor pre)");
   // grad_pre: gradient w.r.t. the pre-norm sum (= grad of residual; = grad of x when dropout_p == 0).
   // grad_x: [0] when dropout_p == 0. grad_bias: [0] when bias is None. grad_x_bias: [0] when x_bias is None.
   m.def(

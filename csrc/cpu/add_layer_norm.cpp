@@ -20,6 +20,7 @@ namespace cpu {
 namespace {
 
 constexpr const char* kFwd = "add_layer_norm_fwd";
+constexpr const char* kFwdPre = "add_layer_norm_fwd_pre";
 constexpr const char* kBwd = "add_layer_norm_bwd";
 
 struct RowInputs {
@@ -95,9 +96,10 @@ inline Row load_row(const RowInputs& in, const T* x, const T* res, int64_t i, fl
 // fp32 scratch rows are padded to whole vectors, so passes over scratch may load whole vectors
 inline int64_t scratch_len(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 
+// pre_out (nullptr: not wanted) receives each row's pre-norm sum h, rounded to T
 template <typename T>
 void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, const float* w, const float* b,
-                double eps, T* out, float* mean_out, float* rstd_out) {
+                double eps, T* out, float* mean_out, float* rstd_out, T* pre_out) {
   const int64_t n = in.n;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -114,6 +116,7 @@ void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, con
       }
       const auto stats = fwd_row(row, n, w, b, static_cast<float>(eps), h.data(), yr);
       if constexpr (!kF32) from_f32(y.data(), out + i * n, n);
+      if (pre_out != nullptr) from_f32(h.data(), pre_out + i * n, n);  // h is still in L1
       mean_out[i] = stats.first;
       rstd_out[i] = stats.second;
     }
@@ -218,27 +221,47 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
-    double dropout_p, const c10::optional<at::Tensor>& seed) {
-  check_common(kFwd, x, weight, bias, residual, x_bias);
-  FB_CHECK(eps > 0.0, kFwd, "eps must be > 0, got ", eps);
-  const uint64_t s = check_dropout(kFwd, dropout_p, seed);
+// The forward, with the pre-norm sum h written to `pre` when it is defined.
+void fwd_into(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+              const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
+              double dropout_p, const c10::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& mean,
+              at::Tensor& rstd, at::Tensor* pre) {
+  check_common(op, x, weight, bias, residual, x_bias);
+  FB_CHECK(eps > 0.0, op, "eps must be > 0, got ", eps);
+  const uint64_t s = check_dropout(op, dropout_p, seed);
   const int64_t rows = x.size(0), n = x.size(1);
-  at::Tensor out = new_output(x.sizes(), x.scalar_type());
-  at::Tensor mean = new_output({rows}, at::kFloat);
-  at::Tensor rstd = new_output({rows}, at::kFloat);
-  if (rows == 0) return {out, mean, rstd};
-  FB_CHECK(n > 0, kFwd, "x must have a non-empty last dim, got shape ", x.sizes());
+  out = new_output(x.sizes(), x.scalar_type());
+  mean = new_output({rows}, at::kFloat);
+  rstd = new_output({rows}, at::kFloat);
+  if (pre != nullptr) *pre = new_output(x.sizes(), x.scalar_type());
+  if (rows == 0) return;
+  FB_CHECK(n > 0, op, "x must have a non-empty last dim, got shape ", x.sizes());
   const std::vector<float> w = vector_f32(weight), b = vector_f32(bias), xb = vector_f32(x_bias);
   RowInputs in{n, xb.empty() ? nullptr : xb.data(), Dropout(dropout_p, s)};
   FB_DISPATCH(x.scalar_type(), kFwd, [&] {
     fwd_kernel<scalar_t>(in, rows, x.data_ptr<scalar_t>(), has(residual) ? residual->data_ptr<scalar_t>() : nullptr,
                          w.data(), b.empty() ? nullptr : b.data(), eps, out.data_ptr<scalar_t>(),
-                         mean.data_ptr<float>(), rstd.data_ptr<float>());
+                         mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                         pre != nullptr ? pre->data_ptr<scalar_t>() : nullptr);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
+    double dropout_p, const c10::optional<at::Tensor>& seed) {
+  at::Tensor out, mean, rstd;
+  fwd_into(kFwd, x, weight, bias, residual, x_bias, eps, dropout_p, seed, out, mean, rstd, nullptr);
   return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_pre(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
+    double dropout_p, const c10::optional<at::Tensor>& seed) {
+  at::Tensor out, mean, rstd, pre;
+  fwd_into(kFwdPre, x, weight, bias, residual, x_bias, eps, dropout_p, seed, out, mean, rstd, &pre);
+  return {out, mean, rstd, pre};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
@@ -294,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
 
 TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
+  m.impl("add_layer_norm_fwd_pre", &add_layer_norm_fwd_pre);
   m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
 }
 

@@ -23,6 +23,8 @@ T = B * S tokens, hidden N, intermediate I, valid lengths L_b):
   attention     fwd 4 * H * D * sum L_b^2, bwd 2.5 x fwd (5 matmuls instead of 2)
   linear_gelu   fwd 2 * T * N * I, bwd 4 * T * N * I            (compute-bound: TFLOP/s, % of peak)
   add_layer_norm fwd (x, residual in; out) 3 * T * N * e, bwd (grad_out, x, residual in; grad out) 4 * T * N * e
+                (the cpu backend's fp32 training forward also writes the pre-norm sum, which its backward
+                reads instead of x and residual: one tensor moved from bwd to fwd, and written, not read)
   bias_gelu     fwd 2 * T * I * e, bwd (grad_out, x in; grad_x out) 3 * T * I * e   (memory-bound: GB/s)
   fwd+bwd       the sum of the two
 max_abs_err: max |output - float64 reference| (fastbert.reference in float64 on the same inputs) over

@@ -54,6 +54,10 @@ def _bwd_fake(grad_out, x, weight, bias, residual, x_bias, mean, rstd, dropout_p
 
 C.register_fake_both("add_layer_norm_fwd", _fwd_fake)
 C.register_fake_both("add_layer_norm_bwd", _bwd_fake)
+if backends.extension_status()[0] and hasattr(torch.ops.fastbert, "add_layer_norm_fwd_pre"):
+    @torch.library.register_fake("fastbert::add_layer_norm_fwd_pre")
+    def _fwd_pre_fake(x, weight, bias, residual, x_bias, eps, dropout_p, seed):
+        return _fwd_fake(x, weight, bias, residual, x_bias, eps, dropout_p, seed) + (x.new_empty(x.shape),)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +98,8 @@ class _AddLayerNormFn(torch.autograd.Function):
         out, mean, rstd = C.kernel(backend, OP, "add_layer_norm_fwd")(
             x, weight, bias, residual, x_bias, eps, dropout_p, seed)
         ctx.save_for_backward(x, weight, bias, residual, x_bias, mean, rstd, seed)
+        ctx.has_residual = residual is not None
+        ctx.has_x_bias = x_bias is not None
         ctx.dropout_p = dropout_p
         ctx.backend = backend
         return out
@@ -110,8 +116,8 @@ class _AddLayerNormFn(torch.autograd.Function):
             g_x if need[0] else None,
             g_w if need[1] else None,
             g_b if (bias is not None and need[2]) else None,
-            g_pre if (residual is not None and need[3]) else None,
-            g_xb if (x_bias is not None and need[4]) else None,
+            g_pre if (ctx.has_residual and need[3]) else None,
+            g_xb if (ctx.has_x_bias and need[4]) else None,
             None, None, None, None,
         )
 

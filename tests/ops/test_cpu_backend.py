@@ -77,6 +77,39 @@ def test_add_layer_norm(dtype, rows, n, opts):
         _check("grad_x_bias", g_xb, gd[4], g64[4], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_layer_norm_fwd_pre_returns_the_pre_norm_sum(dtype):
+    x, r = torch.randn(9, 40).to(dtype), torch.randn(9, 40).to(dtype)
+    w, b, xb = torch.randn(40).to(dtype), torch.randn(40).to(dtype), torch.randn(40).to(dtype)
+    for p, s in ((0.0, None), (0.25, torch.tensor([5]))):
+        out, mean, rstd, pre = OPS.add_layer_norm_fwd_pre(x, w, b, r, xb, 1e-5, p, s)
+        for got, want in zip((out, mean, rstd), OPS.add_layer_norm_fwd(x, w, b, r, xb, 1e-5, p, s)):
+            assert torch.equal(got, want)
+        if p == 0.0:  # h in fp32, summed in the kernel's order, rounded once to x's dtype
+            assert torch.equal(pre, ((x.float() + xb.float()) + r.float()).to(dtype))
+        elif dtype == torch.float32:  # with dropout: the h the statistics were taken of
+            torch.testing.assert_close(pre.mean(1), mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close((pre - mean[:, None]) * rstd[:, None] * w + b, out, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_saves_the_pre_norm_sum_with_identical_gradients():
+    # cpu, fp32, no dropout: the C++ node (csrc/autograd.cpp) saves h and its backward reads it; the
+    # gradients equal the recompute path's (the kernels on x and residual) bit for bit
+    x, r = torch.randn(2, 7, 48, requires_grad=True), torch.randn(2, 7, 48, requires_grad=True)
+    w, b, xb = (torch.randn(48, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 7, 48)
+    with backends.use_backend("cpu"):
+        y = fastbert.ops.add_layer_norm(x, w, b, residual=r, x_bias=xb)
+    got = torch.autograd.grad(y, [x, r, w, b, xb], g)
+    x2, r2 = x.detach().reshape(-1, 48), r.detach().reshape(-1, 48)
+    _, mean, rstd = OPS.add_layer_norm_fwd(x2, w.detach(), b.detach(), r2, xb.detach(), 1e-12, 0.0, None)
+    g_pre, _, g_w, g_b, g_xb = OPS.add_layer_norm_bwd(g.reshape(-1, 48), x2, w.detach(), b.detach(), r2,
+                                                       xb.detach(), mean, rstd, 0.0, None)
+    want = (g_pre.reshape(x.shape), g_pre.reshape(x.shape), g_w, g_b, g_xb)
+    for name, a, e in zip(("x", "residual", "weight", "bias", "x_bias"), got, want):
+        assert torch.equal(a, e), f"grad of {name} differs from the recompute path"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_add_layer_norm_dropout_stream_is_bit_exact(dtype):
     rows, n, p, seed = 9, 200, 0.3, 123456789
@@ -341,6 +374,11 @@ def _attn(q=None, k=None, v=None, mask=None, bias=None, cu=None, max_seqlen=0, p
     (lambda: _ln(p=0.1), "seed must be given"),
     (lambda: _ln(p=0.1, seed=torch.tensor([1.0])), "seed must be an int64"),
     (lambda: _ln(p=1.0, seed=torch.tensor([1])), "dropout_p"),
+    # the training forward that also returns the pre-norm sum shares the checks, under its own name
+    (lambda: OPS.add_layer_norm_fwd_pre(torch.randn(4, 8), torch.ones(8), None, torch.randn(4, 9), None, 1e-5, 0.0,
+                                        None), "add_layer_norm_fwd_pre: residual must have x's shape"),
+    (lambda: OPS.add_layer_norm_fwd_pre(torch.randn(4, 8), torch.ones(7), None, None, None, 1e-5, 0.0, None),
+     "add_layer_norm_fwd_pre: weight must have shape"),
     (lambda: OPS.bias_gelu_fwd(torch.randn(2, 4), torch.randn(5), "none"), "bias must have shape"),
     (lambda: OPS.bias_gelu_fwd(torch.randn(2, 4), None, "sigmoid"), "approximate"),
     (lambda: OPS.bias_gelu_bwd(torch.randn(2, 5), torch.randn(2, 4), None, "none"), "grad_out must have x's shape"),
@@ -471,7 +509,7 @@ def test_autograd_ops_without_grad_run_the_forward_only():
 
 def test_autograd_op_bad_inputs_name_the_argument():
     """The differentiable ops check through their forward kernels: messages name the argument."""
-    with pytest.raises(RuntimeError, match="add_layer_norm_fwd: residual must have x's shape"):
+    with pytest.raises(RuntimeError, match="add_layer_norm_fwd(_pre)?: residual must have x's shape"):
         OPS.add_layer_norm(_req(torch.randn(4, 8)), torch.ones(8), None, torch.randn(4, 9), None, 1e-5, 0.0, None)
     with pytest.raises(RuntimeError, match="approximate"):
         OPS.bias_gelu(_req(torch.randn(4, 8)), None, "exact")
@@ -498,6 +536,7 @@ def _op_cases():
     return [
         ("add_layer_norm_fwd", (x, w, b, r, b, 1e-5, 0.1, s)),
         ("add_layer_norm_fwd", (x, w, None, None, None, 1e-5, 0.0, None)),
+        ("add_layer_norm_fwd_pre", (x, w, b, r, b, 1e-5, 0.0, None)),
         ("add_layer_norm_bwd", (torch.randn(5, 24), x, w, b, r, b, mean, rstd, 0.1, s)),
         ("bias_gelu_fwd", (x, b, "tanh")),
         ("bias_gelu_bwd", (r, x, b, "none")),
