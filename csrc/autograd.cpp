@@ -34,6 +34,13 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// accessor(): the typed handle of kernel `name`, looked up once
+#define FB_KERNEL_OP(accessor, Sig, name)                  \
+  const c10::TypedOperatorHandle<Sig>& accessor() {        \
+    static const auto op = kernel_op<Sig>(name);           \
+    return op;                                             \
+  }
+
 // ---------------------------------------------------------------------------------------------
 // add_layer_norm
 // ---------------------------------------------------------------------------------------------
@@ -48,18 +55,9 @@ using AlnFwdPreSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
     const OptTensor&);
 
-const c10::TypedOperatorHandle<AlnFwdSig>& aln_fwd() {
-  static const auto op = kernel_op<AlnFwdSig>("fastbert::add_layer_norm_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<AlnFwdPreSig>& aln_fwd_pre() {
-  static const auto op = kernel_op<AlnFwdPreSig>("fastbert::add_layer_norm_fwd_pre");
-  return op;
-}
-const c10::TypedOperatorHandle<AlnBwdSig>& aln_bwd() {
-  static const auto op = kernel_op<AlnBwdSig>("fastbert::add_layer_norm_bwd");
-  return op;
-}
+FB_KERNEL_OP(aln_fwd, AlnFwdSig, "fastbert::add_layer_norm_fwd")
+FB_KERNEL_OP(aln_fwd_pre, AlnFwdPreSig, "fastbert::add_layer_norm_fwd_pre")
+FB_KERNEL_OP(aln_bwd, AlnBwdSig, "fastbert::add_layer_norm_bwd")
 
 // Whether the forward saves the pre-norm sum h for the backward: CPU, fp32, no dropout. The backward
 // then reads grad_out and h where recomputing h reads grad_out, x and residual -- the traffic of
@@ -125,14 +123,8 @@ at::Tensor add_layer_norm_forward_only(const at::Tensor& x, const at::Tensor& we
 using BgFwdSig = at::Tensor(const at::Tensor&, const OptTensor&, c10::string_view);
 using BgBwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, c10::string_view);
 
-const c10::TypedOperatorHandle<BgFwdSig>& bg_fwd() {
-  static const auto op = kernel_op<BgFwdSig>("fastbert::bias_gelu_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<BgBwdSig>& bg_bwd() {
-  static const auto op = kernel_op<BgBwdSig>("fastbert::bias_gelu_bwd");
-  return op;
-}
+FB_KERNEL_OP(bg_fwd, BgFwdSig, "fastbert::bias_gelu_fwd")
+FB_KERNEL_OP(bg_bwd, BgBwdSig, "fastbert::bias_gelu_bwd")
 
 struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& bias,
@@ -171,14 +163,8 @@ using LgBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor
                                                                 const at::Tensor&, const OptTensor&,
                                                                 const at::Tensor&, c10::string_view);
 
-const c10::TypedOperatorHandle<LgFwdSig>& lg_fwd() {
-  static const auto op = kernel_op<LgFwdSig>("fastbert::linear_gelu_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<LgBwdSig>& lg_bwd() {
-  static const auto op = kernel_op<LgBwdSig>("fastbert::linear_gelu_bwd");
-  return op;
-}
+FB_KERNEL_OP(lg_fwd, LgFwdSig, "fastbert::linear_gelu_fwd")
+FB_KERNEL_OP(lg_bwd, LgBwdSig, "fastbert::linear_gelu_bwd")
 
 struct LinearGeluFn : public torch::autograd::Function<LinearGeluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
