@@ -1,5 +1,5 @@
-// Autograd for the C++ backends (cpu and cuda): the ops fastbert::add_layer_norm, fastbert::bias_gelu and
-// fastbert::linear_gelu, each a torch::autograd::Function over the op's forward and backward kernels
+// Autograd for the C++ backends (cpu and cuda): the ops fastbert::add_layer_norm, bias_gelu, linear_gelu
+// and attention, each a torch::autograd::Function over the op's forward and backward kernels
 // (fastbert::<op>_fwd / _bwd, reached through the dispatcher, so one registration serves CPU and CUDA).
 //
 // Why in C++: the Python autograd.Function of fastbert/ops/*.py costs ~0.1-0.2 ms per training call on
@@ -195,15 +195,74 @@ at::Tensor linear_gelu_forward_only(const at::Tensor& x, const at::Tensor& weigh
   return std::get<0>(lg_fwd().call(x, weight, bias, approximate, /*save_pre=*/false));
 }
 
+// ---------------------------------------------------------------------------------------------
+// attention (q, k, v get gradients; the front end sends an attn_bias that wants one to the torch backend)
+// ---------------------------------------------------------------------------------------------
+using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
+                                                      bool, double, double, const OptTensor&);
+using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, double, double, const OptTensor&);
+
+FB_KERNEL_OP(attn_fwd, AttnFwdSig, "fastbert::attention_fwd")
+FB_KERNEL_OP(attn_bwd, AttnBwdSig, "fastbert::attention_bwd")
+
+struct AttentionFn : public torch::autograd::Function<AttentionFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const OptTensor& key_padding_mask, const OptTensor& attn_bias,
+                            const OptTensor& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
+                            double dropout_p, const OptTensor& seed) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, lse] = attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
+                                      dropout_p, seed);
+    ctx->save_for_backward({q, k, v, out, lse, or_undefined(key_padding_mask), or_undefined(attn_bias),
+                            or_undefined(cu_seqlens), or_undefined(seed)});
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    auto [dq, dk, dv] = attn_bwd().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], or_none(s[5]),
+                                        or_none(s[6]), or_none(s[7]), ctx->saved_data["max_seqlen"].toInt(),
+                                        ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
+                                        ctx->saved_data["dropout_p"].toDouble(), or_none(s[8]));
+    const at::Tensor none;
+    return {dq, dk, dv, none, none, none, none, none, none, none, none};
+  }
+};
+
+at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const OptTensor& key_padding_mask, const OptTensor& attn_bias,
+                              const OptTensor& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
+                              double dropout_p, const OptTensor& seed) {
+  return AttentionFn::apply(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p,
+                            seed);
+}
+
+at::Tensor attention_forward_only(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const OptTensor& key_padding_mask, const OptTensor& attn_bias,
+                                  const OptTensor& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
+                                  double dropout_p, const OptTensor& seed) {
+  return std::get<0>(attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
+                                     dropout_p, seed));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbert, Autograd, m) {
+  m.impl("attention", &attention_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);
   m.impl("bias_gelu", &bias_gelu_autograd);
   m.impl("linear_gelu", &linear_gelu_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fastbert, CompositeExplicitAutograd, m) {
+  m.impl("attention", &attention_forward_only);
   m.impl("add_layer_norm", &add_layer_norm_forward_only);
   m.impl("bias_gelu", &bias_gelu_forward_only);
   m.impl("linear_gelu", &linear_gelu_forward_only);

@@ -2,7 +2,7 @@
 //   csrc/cpu/<op>.cpp             TORCH_LIBRARY_IMPL(fastbert, CPU, m)    (one block per file)
 //   csrc/cuda_bindings/*.cpp      TORCH_LIBRARY_IMPL(fastbert, CUDA, m)   (CUDA builds only)
 //   csrc/autograd.cpp             TORCH_LIBRARY_IMPL(fastbert, Autograd / CompositeExplicitAutograd, m):
-//                                 the training ops add_layer_norm, bias_gelu, linear_gelu (C++ graph nodes
+//                                 the training ops add_layer_norm, bias_gelu, linear_gelu, attention (C++ graph nodes
 //                                 over the _fwd/_bwd kernels of whichever device the inputs are on)
 // Fake (meta) kernels, and the autograd wiring of the triton backend, live on the Python side, in
 // fastbert/ops/<op>.py.
@@ -40,6 +40,9 @@ TORCH_LIBRARY(fastbert, m) {
       "float dropout_p, Tensor? seed) -> Tensor");
   m.def("bias_gelu(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def("linear_gelu(Tensor x, Tensor weight, Tensor? bias, str approximate) -> Tensor");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_bias, Tensor? cu_seqlens, "
+      "int max_seqlen, bool causal, float scale, float dropout_p, Tensor? seed) -> Tensor");
 
   // gelu(x + bias); approximate is "none" (erf) or "tanh".
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");

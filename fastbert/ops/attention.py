@@ -121,6 +121,8 @@ DISPATCH = backends.Dispatcher(
 
 
 class _AttentionFn(torch.autograd.Function):
+    """The triton backend's autograd (cpu/cuda: fastbert::attention, a C++ graph node)."""
+
     @staticmethod
     def forward(ctx, q, k, v, mask, bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed, backend):
         out, lse = C.kernel(backend, OP, "attention_fwd")(q, k, v, mask, bias, cu_seqlens, max_seqlen, causal,
@@ -289,5 +291,7 @@ def attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     args = (q, k, v, attention_mask, attn_bias, cu_seqlens, int(max_seqlen), causal, scale, dropout_p, seed)
     if C.needs_grad(q, k, v):
+        if decision.backend in C.CPP_AUTOGRAD:
+            return torch.ops.fastbert.attention(*args)  # C++ graph node (csrc/autograd.cpp)
         return _AttentionFn.apply(*args, decision.backend)
     return C.kernel(decision.backend, OP, "attention_fwd")(*args)[0]

@@ -474,6 +474,31 @@ def test_gelu_autograd_ops_are_the_kernels(dtype, with_bias, approximate):
         assert torch.equal(a, e), f"linear_gelu grad of {name} differs from linear_gelu_bwd's"
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_autograd_op_is_the_kernels(packed):
+    """fastbert::attention under autograd: attention_fwd's output and exactly attention_bwd's gradients,
+    also for q, k, v that are strided views of one fused QKV tensor (the patched layers' layout)."""
+    s = torch.tensor([9])
+    if packed:
+        qkv = torch.randn(9, 3, 2, 16)
+        cu, mask, ab, ms, causal, p = torch.tensor([0, 4, 9], dtype=torch.int32), None, None, 5, False, 0.0
+    else:
+        qkv = torch.randn(2, 7, 3, 2, 16)
+        cu, mask, ab, ms, causal, p = None, torch.rand(2, 7) > 0.3, torch.randn(2, 1, 7, 7), 0, True, 0.2
+    q, k, v = qkv.unbind(-3)
+    g = torch.randn_like(q)
+    out_k, lse = OPS.attention_fwd(q, k, v, mask, ab, cu, ms, causal, 0.25, p, s)
+    want = OPS.attention_bwd(g, q, k, v, out_k, lse, mask, ab, cu, ms, causal, 0.25, p, s)
+    leaf = _req(qkv)
+    ql, kl, vl = leaf.unbind(-3)
+    out = OPS.attention(ql, kl, vl, mask, ab, cu, ms, causal, 0.25, p, s)
+    assert "CppFunction" in type(out.grad_fn).__name__
+    (gqkv,) = torch.autograd.grad(out, [leaf], g)
+    assert torch.equal(out.detach(), out_k)
+    for name, got, e in zip("qkv", gqkv.unbind(-3), want):
+        assert torch.equal(got, e), f"grad of {name} differs from attention_bwd's"
+
+
 def test_front_ends_train_through_the_cpp_node():
     """On the cpu backend the public ops' training path is the C++ graph node, not a Python Function."""
     from fastbert import ops
@@ -484,6 +509,7 @@ def test_front_ends_train_through_the_cpp_node():
             "add_layer_norm": ops.add_layer_norm(x, w, b, residual=x, x_bias=b),
             "bias_gelu": ops.bias_gelu(x, b),
             "linear_gelu": ops.linear_gelu(x, _req(torch.randn(5, 8)), None),
+            "attention": ops.attention(*_req(torch.randn(2, 3, 3, 2, 16)).unbind(2)),
         }
     for name, out in outs.items():
         node = out.grad_fn
@@ -552,6 +578,8 @@ def _op_cases():
         ("bias_gelu", (_req(x), _req(b), "tanh")),
         ("linear_gelu", (_req(x), _req(lw), _req(b[:16]), "none")),
         ("linear_gelu", (_req(x), _req(lw), None, "tanh")),
+        ("attention", (_req(q), _req(k), _req(v), mask, ab, None, 0, True, 0.25, 0.1, s)),
+        ("attention", (_req(qp), _req(qp), _req(qp), None, None, cu, 5, False, 0.25, 0.0, None)),
     ]
 
 
