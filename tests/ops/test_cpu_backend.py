@@ -110,6 +110,26 @@ def test_training_forward_saves_the_pre_norm_sum_with_identical_gradients():
         assert torch.equal(a, e), f"grad of {name} differs from the recompute path"
 
 
+@pytest.mark.parametrize("dtype,p,saves_h", [
+    (torch.float32, 0.0, True), (torch.float32, 0.1, False), (torch.bfloat16, 0.0, False), (torch.float16, 0.0, False),
+])
+def test_which_training_forwards_save_the_pre_norm_sum(dtype, p, saves_h):
+    """Only the fp32, dropout-free forward saves h (and not x): changing x in place after it leaves the
+    backward valid. Every other forward saves x, whose in-place change autograd then refuses."""
+    x = torch.randn(2, 7, 48).to(dtype).requires_grad_(True)
+    w = torch.ones(48, dtype=dtype, requires_grad=True)
+    xin = x * 1  # a non-leaf, so it may be changed in place
+    with backends.use_backend("cpu"):
+        y = fastbert.ops.add_layer_norm(xin, w, None, residual=torch.randn(2, 7, 48).to(dtype), dropout_p=p)
+    with torch.no_grad():
+        xin.add_(1.0)
+    if saves_h:
+        torch.autograd.grad(y, [x, w], torch.randn_like(y))
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y, [x, w], torch.randn_like(y))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_add_layer_norm_dropout_stream_is_bit_exact(dtype):
     rows, n, p, seed = 9, 200, 0.3, 123456789
