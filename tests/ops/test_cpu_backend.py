@@ -593,6 +593,9 @@ def _op_cases():
         ("attention_fwd", (qp, qp, qp, None, None, cu, 5, False, 0.25, 0.0, None)),
         ("attention_bwd", (torch.randn_like(po), qp, qp, qp, po, plse, None, None, cu, 5, False, 0.25, 0.0, None)),
         # the differentiable ops (csrc/autograd.cpp): opcheck tests their autograd when inputs require grad
+        # first (all checks, aot dispatch included): fp32 without dropout, the node that saves the
+        # pre-norm sum through add_layer_norm_fwd_pre; then the dropout (recompute) node
+        ("add_layer_norm", (_req(x), _req(w), _req(b), _req(r), _req(b), 1e-5, 0.0, None)),
         ("add_layer_norm", (_req(x), _req(w), _req(b), _req(r), _req(b), 1e-5, 0.1, s)),
         ("add_layer_norm", (x, w, None, None, None, 1e-5, 0.0, None)),
         ("bias_gelu", (_req(x), _req(b), "tanh")),
