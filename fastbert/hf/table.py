@@ -18,9 +18,10 @@ from fastbert.nn.layers import BERT_LAYOUT, DISTILBERT_LAYOUT, XLM_LAYOUT, Layou
 
 
 def _bert_embed(base, a: Dict, mask=None) -> torch.Tensor:
+    # the offset argument (past_key_values_length, renamed cache_length in transformers 5.24) defaults
+    # to 0, which is what an encoder call means: leave it out, so either name works
     return base.embeddings(input_ids=a.get("input_ids"), position_ids=a.get("position_ids"),
-                           token_type_ids=a.get("token_type_ids"), inputs_embeds=a.get("inputs_embeds"),
-                           past_key_values_length=0)
+                           token_type_ids=a.get("token_type_ids"), inputs_embeds=a.get("inputs_embeds"))
 
 
 def _electra_embed(base, a: Dict, mask=None):
