@@ -55,9 +55,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from fastbert.hf import compat
 
-    AttentionInterface.register(NAME, fastbert_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    compat.register_attention(NAME, fastbert_attention_forward)
     _registered = True

@@ -14,28 +14,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastbert.hf import compat
 from fastbert.nn.layers import BERT_LAYOUT, DISTILBERT_LAYOUT, XLM_LAYOUT, Layout
 
 
-def _bert_embed(base, a: Dict, mask=None) -> torch.Tensor:
-    # the offset argument (past_key_values_length, renamed cache_length in transformers 5.24) defaults
-    # to 0, which is what an encoder call means: leave it out, so either name works
-    return base.embeddings(input_ids=a.get("input_ids"), position_ids=a.get("position_ids"),
-                           token_type_ids=a.get("token_type_ids"), inputs_embeds=a.get("inputs_embeds"))
+def _bert_embed(base, a: Dict, mask, names: Dict[str, Tuple[str, bool]]) -> torch.Tensor:
+    # the cache offset (past_key_values_length, cache_length since 5.24) is left at its default, 0
+    return compat.call(base.embeddings, names, input_ids=a.get("input_ids"), position_ids=a.get("position_ids"),
+                       token_type_ids=a.get("token_type_ids"), inputs_embeds=a.get("inputs_embeds"))
 
 
-def _electra_embed(base, a: Dict, mask=None):
-    h = _bert_embed(base, a)
+def _electra_embed(base, a: Dict, mask, names: Dict[str, Tuple[str, bool]]):
+    h = _bert_embed(base, a, mask, names)
     if hasattr(base, "embeddings_project"):  # ELECTRA small: embedding_size != hidden_size
         h = base.embeddings_project(h)
     return h
 
 
-def _distilbert_embed(base, a: Dict, mask=None):
-    return base.embeddings(a.get("input_ids"), a.get("inputs_embeds"), a.get("position_ids"))
+def _distilbert_embed(base, a: Dict, mask, names: Dict[str, Tuple[str, bool]]):
+    return compat.call(base.embeddings, names, input_ids=a.get("input_ids"), inputs_embeds=a.get("inputs_embeds"),
+                       position_ids=a.get("position_ids"))
 
 
-def _xlm_embed(base, a: Dict, mask=None):
+def _xlm_embed(base, a: Dict, mask, names: Dict[str, Tuple[str, bool]]):
     """XLMModel/FlaubertModel's embedding block (they have no embeddings module)."""
     ids, emb = a.get("input_ids"), a.get("inputs_embeds")
     bs, slen = ids.shape if ids is not None else emb.shape[:2]
@@ -93,6 +94,20 @@ def _xlm_layers(base) -> List[nn.Module]:
     return [_XLMLayer(base, i) for i in range(base.n_layers)]
 
 
+_XLM_LISTS = (("attention", "attentions"), ("layer_norm1", "layer_norm1"), ("ffn", "ffns"),
+              ("layer_norm2", "layer_norm2"))
+
+
+def _xlm_view_problems(base, i: int, twin) -> List[str]:
+    """The twin of XLM layer i still holds the modules the model's lists hold at index i."""
+    why = []
+    for name, lst in _XLM_LISTS:
+        modules = getattr(base, lst, None)
+        if modules is None or i >= len(modules) or getattr(twin, name, None) is not modules[i]:
+            why.append(f"{lst}[{i}] was replaced after patching")
+    return why
+
+
 def _xlm_reasons(base) -> List[str]:
     c = base.config
     why = []
@@ -142,6 +157,9 @@ class Architecture:
     layer_views: Optional[Callable] = None
     derive_mask: Optional[Callable] = None  # (base, args) -> the [B, S] mask the model uses when none is given
     zero_padding: bool = False              # the model zeroes padding positions after every layer
+    embeddings: Optional[compat.Call] = compat.BERT_EMBEDDINGS  # the embedding module's forward, as called
+    attributes: Tuple[str, ...] = ()        # base-model attributes `embed` reads (checked at patch time)
+    view_problems: Optional[Callable] = None  # (base, i, twin) -> why layer i's view is stale (XLM)
 
     def model_class(self):
         return _load(self.model)
@@ -158,6 +176,9 @@ def _load(spec: Tuple[str, str]):
 
 
 _M = "transformers.models"
+_XLM_ATTRIBUTES = ("position_ids", "embeddings", "position_embeddings", "use_lang_emb",
+                   "layer_norm_emb", "dropout", "pad_index", "n_layers", "attentions", "layer_norm1", "ffns",
+                   "layer_norm2")
 _BERT_ARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 _BERT_OUT = "BaseModelOutputWithPoolingAndCrossAttentions"
 
@@ -188,21 +209,23 @@ ARCHITECTURES: Tuple[Architecture, ...] = (
         layer=(f"{_M}.distilbert.modeling_distilbert", "TransformerBlock"),
         layers="transformer.layer", layout=DISTILBERT_LAYOUT, embed=_distilbert_embed, output="BaseModelOutput",
         pooler=None, args=("input_ids", "attention_mask", "inputs_embeds", "position_ids"),
-        config_reasons=_distilbert_reasons),
+        config_reasons=_distilbert_reasons, embeddings=compat.DISTILBERT_EMBEDDINGS),
     Architecture(
         name="xlm", model_types=("xlm",),
         model=(f"{_M}.xlm.modeling_xlm", "XLMModel"),
         layer=(f"{_M}.xlm.modeling_xlm", "MultiHeadAttention"),
         layers=None, layout=XLM_LAYOUT, embed=_xlm_embed, output="BaseModelOutput", pooler=None,
         args=("input_ids", "attention_mask", "langs", "token_type_ids", "position_ids", "lengths", "inputs_embeds"),
-        config_reasons=_xlm_reasons, layer_views=_xlm_layers, derive_mask=_xlm_mask, zero_padding=True),
+        config_reasons=_xlm_reasons, layer_views=_xlm_layers, derive_mask=_xlm_mask, zero_padding=True,
+        embeddings=None, attributes=_XLM_ATTRIBUTES, view_problems=_xlm_view_problems),
     Architecture(
         name="flaubert", model_types=("flaubert",),
         model=(f"{_M}.flaubert.modeling_flaubert", "FlaubertModel"),
         layer=(f"{_M}.flaubert.modeling_flaubert", "MultiHeadAttention"),
         layers=None, layout=XLM_LAYOUT, embed=_xlm_embed, output="BaseModelOutput", pooler=None,
         args=("input_ids", "attention_mask", "langs", "token_type_ids", "position_ids", "lengths", "inputs_embeds"),
-        config_reasons=_xlm_reasons, layer_views=_xlm_layers, derive_mask=_xlm_mask, zero_padding=True),
+        config_reasons=_xlm_reasons, layer_views=_xlm_layers, derive_mask=_xlm_mask, zero_padding=True,
+        embeddings=None, attributes=_XLM_ATTRIBUTES, view_problems=_xlm_view_problems),
 )
 
 

@@ -17,6 +17,12 @@ bias + dropout + residual + LayerNorm is one pass over the activations.
 
 Two input forms: padded [B, S, hidden] with an optional 2D key mask [B, S] (1 = real token), or
 packed [total_tokens, hidden] with cu_seqlens [B+1] int32 and max_seqlen (padding-free).
+
+Every module is looked up by its path at each forward (a module replaced after the twin was built is
+seen). Each Linear slot goes through a `resolve_linear` function that returns the nn.Linear whose
+weights the fused ops read plus any low-rank updates to add to its output (`LowRank`: LoRA's
+B(A(dropout(x))) * scale); the default accepts plain nn.Linear only, fastbert/hf passes one that also
+understands PEFT's LoRA layers.
 """
 from __future__ import annotations
 
@@ -54,6 +60,42 @@ def _get(module: nn.Module, path: Optional[str]):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """A low-rank update of a Linear's output, y += b(a(dropout(x))) * scale, applied the way PEFT's
+    LoRA Linear applies it: x is cast to a's weight dtype first when `cast_input` (PEFT's default), and
+    the sum of all updates is cast back to y's dtype at the end. The modules are called as modules."""
+
+    a: nn.Module
+    b: nn.Module
+    dropout: Optional[nn.Module]
+    scale: float
+    cast_input: bool = True
+
+
+# (the nn.Linear whose weight and bias the fused ops read, the low-rank updates added to its output)
+LinearParts = Tuple[nn.Linear, Tuple[LowRank, ...]]
+
+
+def plain_linear(module: nn.Module) -> LinearParts:
+    """The default `resolve_linear`: an nn.Linear as it is, no updates."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"fastbert.nn: expected an nn.Linear, got {type(module).__name__} "
+                        "(fastbert.patch serves PEFT LoRA layers; other wrappers run Hugging Face's code)")
+    return module, ()
+
+
+def _add_low_rank(y: torch.Tensor, x: torch.Tensor, terms: Tuple[LowRank, ...]) -> torch.Tensor:
+    """y + sum of the updates of x, in PEFT's order and dtypes (see LowRank)."""
+    out = y
+    for t in terms:
+        if t.cast_input and x.dtype != t.a.weight.dtype:
+            x = x.to(t.a.weight.dtype)
+        xi = t.dropout(x) if t.dropout is not None else x
+        out = out + t.b(t.a(xi)) * t.scale
+    return out.to(y.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,18 +179,19 @@ def detect_layout(module: nn.Module, *, attention: bool = False) -> Layout:
 class FusedQKV:
     """[Wq; Wk; Wv] and [bq; bk; bv] for one GEMM, kept consistent with the three HF Parameters.
 
-    When autograd needs the weights (grad mode on and any of them requires grad) or under
-    torch.compile, the fused tensors are rebuilt with torch.cat on every call: cat is differentiable,
-    so gradients flow to the ORIGINAL Parameters (there is no second copy to train), and an optimizer
-    step is seen by the next forward. Otherwise (inference under torch.no_grad / inference_mode, or
-    frozen weights) the fused copy is cached, keyed on each Parameter's identity, `_version` (bumped
-    by every in-place update: optimizer steps, load_state_dict, copy_ under no_grad), data_ptr, dtype
-    and device (model.half() / .to() swap `.data`). A write through `.data` bypasses the version
-    counter: call `invalidate()` (or `fastbert.nn.invalidate_caches(model)`) after one.
+    `get(q, k, v)` takes the three nn.Linear modules of this call (looked up by the caller each
+    forward, so a module swapped in later is seen). When autograd needs the weights (grad mode on and
+    any of them requires grad) or under torch.compile, the fused tensors are rebuilt with torch.cat on
+    every call: cat is differentiable, so gradients flow to the ORIGINAL Parameters (there is no
+    second copy to train), and an optimizer step is seen by the next forward. Otherwise (inference
+    under torch.no_grad / inference_mode, or frozen weights) the fused copy is cached, keyed on each
+    Parameter's identity, `_version` (bumped by every in-place update: optimizer steps,
+    load_state_dict, copy_ under no_grad), data_ptr, dtype and device (model.half() / .to() swap
+    `.data`). A write through `.data` bypasses the version counter: call `invalidate()` (or
+    `fastbert.nn.invalidate_caches(model)`) after one.
     """
 
-    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
-        self._linears = (q, k, v)  # a plain tuple: not registered, no duplicate state_dict entries
+    def __init__(self):
         self._key = None
         self._w = None
         self._b = None
@@ -164,8 +207,8 @@ class FusedQKV:
         b = torch.cat([l.bias if l.bias is not None else l.weight.new_zeros(l.out_features) for l in lins], 0)
         return w, b
 
-    def get(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        lins = self._linears
+    def get(self, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        lins = (q, k, v)
         params = [p for l in lins for p in (l.weight, l.bias) if p is not None]
         compiling = torch.compiler.is_compiling()
         if compiling or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
@@ -207,16 +250,19 @@ def _qkv_three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]
     return out.view(*h.shape[:-1], 3 * hidden)
 
 
-def _self_attention(h: torch.Tensor, qkv: FusedQKV, heads: int, scale: Optional[float], dropout_p: float,
-                    attention_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                    max_seqlen: Optional[int]) -> torch.Tensor:
-    w, b = qkv.get()
+def _self_attention(h: torch.Tensor, parts: Tuple[LinearParts, LinearParts, LinearParts], cache: FusedQKV, heads: int,
+                    scale: Optional[float], dropout_p: float, attention_mask: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int]) -> torch.Tensor:
+    w, b = cache.get(*(p[0] for p in parts))
     hidden = w.shape[0] // 3
     d = hidden // heads
     if _three_gemms(h, w, b):
         x = _qkv_three_gemms(h, w, b, hidden)
     else:
         x = F.linear(h, w, b)  # [..., 3 * hidden]: [q heads | k heads | v heads]
+    if any(p[1] for p in parts):  # low-rank updates of q / k / v: added to their slices of the one GEMM
+        cols = list(x.split(hidden, -1))
+        x = torch.cat([_add_low_rank(c, h, p[1]) if p[1] else c for c, p in zip(cols, parts)], -1)
     x = x.view(*h.shape[:-1], 3, heads, d)
     q, k, v = x.unbind(-3)  # strided views into the one GEMM output
     if cu_seqlens is not None:
@@ -237,6 +283,13 @@ def _add_ln(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Ten
     return ops.add_layer_norm(x, ln.weight, ln.bias, residual=residual, x_bias=x_bias, eps=ln.eps, dropout_p=dropout_p)
 
 
+def _projection(x: torch.Tensor, parts: LinearParts) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(x @ W^T plus the low-rank updates, the bias left for the add_layer_norm epilogue)."""
+    lin, terms = parts
+    y = F.linear(x, lin.weight)
+    return (_add_low_rank(y, x, terms) if terms else y), lin.bias
+
+
 def _activation_kind(config, names: Tuple[str, ...]):
     if config is None:
         return None
@@ -247,6 +300,14 @@ def _activation_kind(config, names: Tuple[str, ...]):
         if n == "gelu_activation" and isinstance(act, bool):  # XLM/FlauBERT: exact GELU or ReLU
             return ("gelu", "none") if act else ("relu", None)
     return None
+
+
+def _autocast(dev: str, *tensors):
+    """A custom op is not autocast by torch: cast as autocast would cast F.linear's inputs."""
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None else None for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,37 +323,43 @@ class FastBertSelfAttention(nn.Module):
     """
 
     def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, num_heads: int, *, dropout=0.0,
-                 scale: Optional[float] = None, names: Tuple[str, str, str] = ("query", "key", "value")):
+                 scale: Optional[float] = None, names: Tuple[str, str, str] = ("query", "key", "value"),
+                 resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear):
         super().__init__()
-        if q.in_features != k.in_features or q.in_features != v.in_features:
+        lq, lk, lv = (resolve_linear(m)[0] for m in (q, k, v))
+        if lq.in_features != lk.in_features or lq.in_features != lv.in_features:
             raise ValueError("FastBertSelfAttention: query/key/value must read the same hidden size")
-        if q.out_features != k.out_features or q.out_features != v.out_features:
+        if lq.out_features != lk.out_features or lq.out_features != lv.out_features:
             raise ValueError("FastBertSelfAttention: query/key/value must have the same out_features")
-        if not isinstance(num_heads, int) or num_heads <= 0 or q.out_features % num_heads:
-            raise ValueError(f"FastBertSelfAttention: num_heads={num_heads!r} must divide {q.out_features}")
+        if not isinstance(num_heads, int) or num_heads <= 0 or lq.out_features % num_heads:
+            raise ValueError(f"FastBertSelfAttention: num_heads={num_heads!r} must divide {lq.out_features}")
         for n, lin in zip(names, (q, k, v)):
             self.add_module(n, lin)
         self._names = names
         self.num_heads = num_heads
-        self.head_dim = q.out_features // num_heads
+        self.head_dim = lq.out_features // num_heads
         self.scale = scale
         # the probability is read at every call, so changing the HF module's dropout.p is honoured; a
         # float is kept in a tuple so that nn.Module does not try to register it
         self._dropout = (dropout,)
-        self.qkv = FusedQKV(q, k, v)
+        self._resolve = resolve_linear
+        self.qkv = FusedQKV()
 
     @classmethod
-    def from_hf(cls, module: nn.Module) -> "FastBertSelfAttention":
+    def from_hf(cls, module: nn.Module, *, resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear
+                ) -> "FastBertSelfAttention":
         layout = detect_layout(module, attention=True)
         twin = cls(_get(module, layout.q), _get(module, layout.k), _get(module, layout.v),
                    int(_get(module, layout.heads)), dropout=_get(module, layout.attn_dropout) or 0.0,
-                   scale=getattr(module, "scaling", None), names=(layout.q, layout.k, layout.v))
+                   scale=getattr(module, "scaling", None), names=(layout.q, layout.k, layout.v),
+                   resolve_linear=resolve_linear)
         return twin.train(module.training)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
         p = _dropout_p(self._dropout[0]) if self.training else 0.0
-        return _self_attention(hidden_states, self.qkv, self.num_heads, self.scale, p, attention_mask,
+        parts = tuple(self._resolve(getattr(self, n)) for n in self._names)
+        return _self_attention(hidden_states, parts, self.qkv, self.num_heads, self.scale, p, attention_mask,
                                cu_seqlens, max_seqlen)
 
 
@@ -300,79 +367,95 @@ class FastBertLayer(nn.Module):
     """One post-LayerNorm encoder layer (BERT/RoBERTa/ELECTRA/DistilBERT layouts) on fused ops.
 
     Registers the HF layer's own children under their own names, so `state_dict()` keys, Parameter
-    objects and storages are exactly the HF layer's; the fused path reads the pieces through a
-    `Layout`. Dropout follows the HF modules' `p` in training mode: attention probs through the
-    attention op, hidden dropout through add_layer_norm. Gradient checkpointing: set
-    `gradient_checkpointing = True` (transformers' activation_checkpointing_enable, formerly
-    gradient_checkpointing_enable, does) and, in training mode, the layer is recomputed in backward
-    (torch.utils.checkpoint, non-reentrant; the RNG state is restored, so the recomputed dropout
-    masks are the same).
+    objects and storages are exactly the HF layer's; the fused path looks the pieces up through a
+    `Layout` at every call (in this module first: a child replaced here after patching is seen). Each
+    Linear goes through `resolve_linear` (see the module doc). Dropout follows the HF modules' `p` in
+    training mode: attention probs through the attention op, hidden dropout through add_layer_norm.
+    Gradient checkpointing: set `gradient_checkpointing = True` (transformers'
+    activation_checkpointing_enable, formerly gradient_checkpointing_enable, does) and, in training
+    mode, the layer is recomputed in backward (torch.utils.checkpoint, non-reentrant; the RNG state is
+    restored, so the recomputed dropout masks are the same). A subclass whose caller checkpoints it
+    (fastbert/hf's, a transformers GradientCheckpointingLayer) sets `_outer_checkpointing = True`.
     """
 
     gradient_checkpointing = False
+    _outer_checkpointing = False
     last_backends: Dict[str, Any] = {}  # op -> backends.Decision of this layer's last forward
 
-    def __init__(self, hf_layer: nn.Module, layout: Optional[Layout] = None, config=None):
+    def __init__(self, hf_layer: nn.Module, layout: Optional[Layout] = None, config=None,
+                 resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear):
         super().__init__()
         layout = layout or detect_layout(hf_layer)
         self.layout = layout
         for name, child in hf_layer.named_children():
             self.add_module(name, child)
-        # paths resolve inside the HF layer (same children; also reaches plain attributes such as a
-        # float dropout probability); a tuple so that it is not registered a second time
+        # paths that are not modules of this twin (an XLM view's float dropout probability) resolve in
+        # the HF layer; a tuple so that it is not registered a second time
         self._hf = (hf_layer,)
         att = _get(hf_layer, layout.attention)
         if config is None:
             config = getattr(att, "config", None)
         self.config = config
-        self.attn = _AttentionView(att, layout)  # unregistered helper: no duplicate parameters
         self.training = hf_layer.training
-        kind = _activation_kind(config, layout.act_config)
-        self._act_kind = kind
-        # a tuple, not an attribute holding the module: that would register the activation twice
-        self._act_ref: Tuple[Callable] = (_get(hf_layer, layout.act),)
+        self._resolve = resolve_linear
+        self._act_kind = _activation_kind(config, layout.act_config)
+        self.qkv = FusedQKV()
+        self.num_heads = int(_get(att, layout.heads))
 
     @classmethod
-    def from_hf(cls, module: nn.Module, layout: Optional[Layout] = None, config=None) -> "FastBertLayer":
-        return cls(module, layout, config)
+    def from_hf(cls, module: nn.Module, layout: Optional[Layout] = None, config=None,
+                resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear) -> "FastBertLayer":
+        return cls(module, layout, config, resolve_linear)
+
+    def at(self, path: Optional[str]):
+        """The object at `path` (a Layout path), looked up now: in this module, else in the HF layer."""
+        try:
+            return _get(self, path)
+        except AttributeError:
+            return _get(self._hf[0], path)
+
+    def linear(self, path: str) -> LinearParts:
+        return self._resolve(self.at(path))
 
     def extra_repr(self) -> str:
-        act = self._act_kind[0] + (f"({self._act_kind[1]})" if self._act_kind[1] else "") if self._act_kind else \
-            f"hf:{type(self._act_ref[0]).__name__}"
-        return f"layout={self.layout.name}, heads={self.attn.num_heads}, activation={act}"
+        kind = self._act_kind
+        act = kind[0] + (f"({kind[1]})" if kind[1] else "") if kind else f"hf:{type(self.at(self.layout.act)).__name__}"
+        return f"layout={self.layout.name}, heads={self.num_heads}, activation={act}"
 
     def _ffn(self, a: torch.Tensor) -> torch.Tensor:
-        lin = _get(self._hf[0], self.layout.ffn_in)
+        lin, terms = self.linear(self.layout.ffn_in)
         kind = self._act_kind
         if kind is not None and kind[0] == "gelu":
-            w, b = lin.weight, lin.bias
-            dev = a.device.type
-            if torch.is_autocast_enabled(dev):
-                # a custom op is not autocast by torch: cast as autocast would cast F.linear's inputs
-                dt = torch.get_autocast_dtype(dev)
-                a, w, b = a.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
-            return ops.linear_gelu(a, w, b, approximate=kind[1])
+            a, w, b = _autocast(a.device.type, a, lin.weight, lin.bias)
+            if not terms:
+                return ops.linear_gelu(a, w, b, approximate=kind[1])
+            y = _add_low_rank(F.linear(a, w), a, terms)  # GELU(a W^T + update + b): bias in the epilogue
+            return ops.bias_gelu(y, b.to(y.dtype) if b is not None else None, approximate=kind[1])
         y = F.linear(a, lin.weight, lin.bias)
+        if terms:
+            y = _add_low_rank(y, a, terms)
         if kind is not None and kind[0] == "relu":
             return F.relu(y)
         if kind is not None and kind[0] == "silu":
             return F.silu(y)
-        return self._act_ref[0](y)
+        return self.at(self.layout.act)(y)
 
     def _forward(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                  max_seqlen: Optional[int]) -> torch.Tensor:
         L = self.layout
+        att = self.at(L.attention)
         # the HF attention module is a shared child: its flag follows model.train()/eval() even while
         # the HF layer (not this twin) sits in the module tree
-        train = self.attn.module.training
-        ctx = _self_attention(h, self.attn.qkv, self.attn.num_heads, self.attn.scale,
-                              self.attn.dropout_p() if train else 0.0, attention_mask, cu_seqlens, max_seqlen)
-        hf = self._hf[0]
-        o, ln1 = _get(hf, L.o), _get(hf, L.ln1)
-        a = _add_ln(F.linear(ctx, o.weight), o.bias, h, ln1, _dropout_p(_get(hf, L.drop1)) if train else 0.0)
+        train = att.training
+        parts = tuple(self._resolve(_get(att, p)) for p in (L.q, L.k, L.v))
+        p_att = _dropout_p(_get(att, L.attn_dropout)) if train else 0.0
+        ctx = _self_attention(h, parts, self.qkv, int(_get(att, L.heads)), getattr(att, "scaling", None), p_att,
+                              attention_mask, cu_seqlens, max_seqlen)
+        y, bias = _projection(ctx, self.linear(L.o))
+        a = _add_ln(y, bias, h, self.at(L.ln1), _dropout_p(self.at(L.drop1)) if train else 0.0)
         f = self._ffn(a)
-        o2, ln2 = _get(hf, L.ffn_out), _get(hf, L.ln2)
-        return _add_ln(F.linear(f, o2.weight), o2.bias, a, ln2, _dropout_p(_get(hf, L.drop2)) if train else 0.0)
+        y, bias = _projection(f, self.linear(L.ffn_out))
+        return _add_ln(y, bias, a, self.at(L.ln2), _dropout_p(self.at(L.drop2)) if train else 0.0)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
@@ -393,7 +476,8 @@ class FastBertLayer(nn.Module):
                                              or tuple(attention_mask.shape) != tuple(hidden_states.shape[:2])):
             raise ValueError(f"FastBertLayer: attention_mask must be [batch, seq] = {tuple(hidden_states.shape[:2])}, "
                              f"got shape {tuple(attention_mask.shape)}")
-        if self.gradient_checkpointing and self.attn.module.training and torch.is_grad_enabled():
+        if (self.gradient_checkpointing and not self._outer_checkpointing and self.at(self.layout.attention).training
+                and torch.is_grad_enabled()):
             from torch.utils.checkpoint import checkpoint
 
             out = checkpoint(self._forward, hidden_states, attention_mask, cu_seqlens, max_seqlen, use_reentrant=False)
@@ -406,24 +490,8 @@ class FastBertLayer(nn.Module):
         return out
 
 
-class _AttentionView:
-    """What FastBertLayer needs from the HF attention module, without registering it twice."""
-
-    def __init__(self, att: nn.Module, layout: Layout):
-        self.module = att
-        self.layout = layout
-        self.num_heads = int(_get(att, layout.heads))
-        self.scale = getattr(att, "scaling", None)
-        self.qkv = FusedQKV(_get(att, layout.q), _get(att, layout.k), _get(att, layout.v))
-
-    def dropout_p(self) -> float:
-        return _dropout_p(_get(self.module, self.layout.attn_dropout))
-
-
 def invalidate_caches(model: nn.Module) -> None:
     """Drop every cached fused QKV weight under `model` (needed only after writes through `.data`)."""
     for m in model.modules():
-        if isinstance(m, FastBertSelfAttention):
+        if isinstance(m, (FastBertSelfAttention, FastBertLayer)):
             m.qkv.invalidate()
-        elif isinstance(m, FastBertLayer):
-            m.attn.qkv.invalidate()
