@@ -57,7 +57,7 @@ def install() -> None:
 def resolve_linear(module: nn.Module) -> LinearParts:
     """fastbert.nn's `resolve_linear` for patched models: plain nn.Linear or a served LoRA Linear."""
     if type(module) is nn.Linear:
-        return module, ()
+        return LinearParts(module)
     parts = peft.lora_parts(module)
     if isinstance(parts, str):  # the guard keeps such a call off the fused path; direct use says why
         raise TypeError(f"fastbert: {type(module).__name__}: {parts}")
@@ -71,14 +71,14 @@ def _plain(t) -> bool:
 def linear_problem(module) -> Tuple[Optional[str], Optional[LinearParts]]:
     """(why the fused path cannot read this Linear slot, or None; its parts when it can)."""
     if type(module) is nn.Linear:
-        parts = (module, ())
+        parts = LinearParts(module)
     elif peft.is_peft(module):
         parts = peft.lora_parts(module)
         if isinstance(parts, str):
             return parts, None
     else:
         return f"it is a {type(module).__module__}.{type(module).__qualname__}, not an nn.Linear", None
-    lin = parts[0]
+    lin = parts.linear
     if not (_plain(lin.weight) and _plain(lin.bias)):
         return f"its weight is a {type(lin.weight).__name__} (quantized or sharded)", None
     return None, parts
@@ -207,7 +207,7 @@ class Guard:
             if problem:
                 why.append(f"{where}.{path}: {problem}")
                 continue
-            if parts[0] is not module:  # a LoRA layer: its state is re-read at every call
+            if parts.linear is not module:  # a LoRA layer: its state is re-read at every call
                 lora.append((f"{where}.{path}", module))
                 called.update(id(m) for m in peft.called_modules(parts))
         for path in (layout.ln1, layout.ln2):

@@ -46,12 +46,15 @@ def lora_parts(module: nn.Module) -> Union[LinearParts, str]:
         return f"its base layer is a {type(base).__name__}, not an nn.Linear"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (transposed weights)"
+    # PEFT merges and unmerges through weight.data, unseen by version counters: the merged adapters
+    # are part of the fused-weight cache key
+    token = tuple(getattr(module, "merged_adapters", ()))
     if disabled:
         if merged:
             return "its adapters are disabled but merged (PEFT unmerges them in its forward)"
-        return base, ()
+        return LinearParts(base, (), token)
     if merged:  # PEFT's forward: base_layer(x) alone, the weights already hold the updates
-        return base, ()
+        return LinearParts(base, (), token)
     variants = getattr(module, "lora_variant", {}) or {}
     use_dora = getattr(module, "use_dora", {}) or {}
     cast = bool(getattr(module, "cast_input_dtype_enabled", True))
@@ -62,9 +65,9 @@ def lora_parts(module: nn.Module) -> Union[LinearParts, str]:
         if adapter in variants or use_dora.get(adapter, False):
             return f"adapter {adapter!r} is a LoRA variant (DoRA or another lora_variant)"
         terms.append(LowRank(lora_a[adapter], lora_b[adapter], drop[adapter], float(scaling[adapter]), cast))
-    return base, tuple(terms)
+    return LinearParts(base, tuple(terms), token)
 
 
 def called_modules(parts: LinearParts) -> Tuple[nn.Module, ...]:
     """The modules the fused path calls as modules for these updates (their hooks run as usual)."""
-    return tuple(m for t in parts[1] for m in (t.a, t.b, t.dropout) if m is not None)
+    return tuple(m for t in parts.low_rank for m in (t.a, t.b, t.dropout) if m is not None)

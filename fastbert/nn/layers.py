@@ -27,7 +27,7 @@ understands PEFT's LoRA layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ ACTIVATIONS: Dict[str, Tuple[str, Optional[str]]] = {
 }
 
 
-_LAYER_OPS = ("attention", "add_layer_norm", "linear_gelu")
+_LAYER_OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu")
 
 
 def _get(module: nn.Module, path: Optional[str]):
@@ -75,8 +75,14 @@ class LowRank:
     cast_input: bool = True
 
 
-# (the nn.Linear whose weight and bias the fused ops read, the low-rank updates added to its output)
-LinearParts = Tuple[nn.Linear, Tuple[LowRank, ...]]
+class LinearParts(NamedTuple):
+    """What a `resolve_linear` function returns for one Linear slot."""
+
+    linear: nn.Linear                  # whose weight and bias the fused ops read
+    low_rank: Tuple[LowRank, ...] = ()  # updates added to its output
+    # part of the fused-QKV cache key: a wrapper that rewrites the weights through `.data`, which no
+    # version counter sees (PEFT merging and unmerging adapters), changes it when it does so
+    cache_token: Hashable = None
 
 
 def plain_linear(module: nn.Module) -> LinearParts:
@@ -84,7 +90,7 @@ def plain_linear(module: nn.Module) -> LinearParts:
     if not isinstance(module, nn.Linear):
         raise TypeError(f"fastbert.nn: expected an nn.Linear, got {type(module).__name__} "
                         "(fastbert.patch serves PEFT LoRA layers; other wrappers run Hugging Face's code)")
-    return module, ()
+    return LinearParts(module)
 
 
 def _add_low_rank(y: torch.Tensor, x: torch.Tensor, terms: Tuple[LowRank, ...]) -> torch.Tensor:
@@ -207,13 +213,15 @@ class FusedQKV:
         b = torch.cat([l.bias if l.bias is not None else l.weight.new_zeros(l.out_features) for l in lins], 0)
         return w, b
 
-    def get(self, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def get(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, token: Hashable = None
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The fused weight and bias; `token` (LinearParts.cache_token of the three) joins the cache key."""
         lins = (q, k, v)
         params = [p for l in lins for p in (l.weight, l.bias) if p is not None]
         compiling = torch.compiler.is_compiling()
         if compiling or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self._fuse(lins)
-        key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        key = (token,) + tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         if key != self._key:
             with torch.no_grad():
                 self._w, self._b = self._fuse(lins)
@@ -253,16 +261,16 @@ def _qkv_three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]
 def _self_attention(h: torch.Tensor, parts: Tuple[LinearParts, LinearParts, LinearParts], cache: FusedQKV, heads: int,
                     scale: Optional[float], dropout_p: float, attention_mask: Optional[torch.Tensor],
                     cu_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int]) -> torch.Tensor:
-    w, b = cache.get(*(p[0] for p in parts))
+    w, b = cache.get(*(p.linear for p in parts), token=tuple(p.cache_token for p in parts))
     hidden = w.shape[0] // 3
     d = hidden // heads
     if _three_gemms(h, w, b):
         x = _qkv_three_gemms(h, w, b, hidden)
     else:
         x = F.linear(h, w, b)  # [..., 3 * hidden]: [q heads | k heads | v heads]
-    if any(p[1] for p in parts):  # low-rank updates of q / k / v: added to their slices of the one GEMM
+    if any(p.low_rank for p in parts):  # low-rank updates of q / k / v: added to their slices of the one GEMM
         cols = list(x.split(hidden, -1))
-        x = torch.cat([_add_low_rank(c, h, p[1]) if p[1] else c for c, p in zip(cols, parts)], -1)
+        x = torch.cat([_add_low_rank(c, h, p.low_rank) if p.low_rank else c for c, p in zip(cols, parts)], -1)
     x = x.view(*h.shape[:-1], 3, heads, d)
     q, k, v = x.unbind(-3)  # strided views into the one GEMM output
     if cu_seqlens is not None:
@@ -285,7 +293,7 @@ def _add_ln(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Ten
 
 def _projection(x: torch.Tensor, parts: LinearParts) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x @ W^T plus the low-rank updates, the bias left for the add_layer_norm epilogue)."""
-    lin, terms = parts
+    lin, terms = parts.linear, parts.low_rank
     y = F.linear(x, lin.weight)
     return (_add_low_rank(y, x, terms) if terms else y), lin.bias
 
@@ -423,7 +431,8 @@ class FastBertLayer(nn.Module):
         return f"layout={self.layout.name}, heads={self.num_heads}, activation={act}"
 
     def _ffn(self, a: torch.Tensor) -> torch.Tensor:
-        lin, terms = self.linear(self.layout.ffn_in)
+        parts = self.linear(self.layout.ffn_in)
+        lin, terms = parts.linear, parts.low_rank
         kind = self._act_kind
         if kind is not None and kind[0] == "gelu":
             a, w, b = _autocast(a.device.type, a, lin.weight, lin.bias)
