@@ -120,6 +120,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
+# attn_bias values below this mask their key (every backend: see fastbert/triton/attention.py)
+BIAS_MASKED = -1.0e20
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,7 +143,9 @@ def attention(
     Padded: q [B, Sq, H, D], k/v [B, Sk, H, D]; attention_mask [B, Sk] (1/True = real token);
     attn_bias broadcastable to [B, H, Sq, Sk]. Packed: q/k/v [total, H, D] with cu_seqlens [B+1]
     (attn_bias is then not accepted). causal: key j is visible to query i iff j <= i.
-    A query row that sees no key gives 0 (HF would give a uniform average of v or NaN).
+    A key is masked by attention_mask, by causal, or by an attn_bias value below BIAS_MASKED (-1e20:
+    -inf and HF's fp32/bf16 finfo.min masks; NaN too), as in every backend's kernels. A query row that
+    sees no key gives 0 (HF would give a uniform average of v or NaN).
     Returns the output in q's layout, contiguous.
     """
     if cu_seqlens is not None:
@@ -166,9 +172,12 @@ def _attention_padded(q, k, v, attention_mask, attn_bias, causal, scale, dropout
         scale = 1.0 / math.sqrt(D)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
     if attn_bias is not None:
         scores = scores + attn_bias.to(scores.dtype)
-    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+        # a bias below BIAS_MASKED (-inf, HF's fp32/bf16 finfo.min masks) or NaN masks its key, as in
+        # every kernel: a row left with no key gives 0 instead of softmax's NaN or uniform average
+        visible = visible & (attn_bias >= BIAS_MASKED)
     if attention_mask is not None:
         visible = visible & attention_mask.to(torch.bool)[:, None, None, :]
     if causal:
