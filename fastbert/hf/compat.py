@@ -157,10 +157,15 @@ def is_benign_forward(module, fn: Any) -> bool:
     return getattr(fn, "__func__", None) is type(module).forward and getattr(fn, "__self__", None) is module
 
 
+_collector = []
+
+
 def capture_active() -> bool:
     """True when an enclosing HF model is collecting outputs through hooks right now (the fused path
     would not run the modules those hooks sit on)."""
-    collector = load(_CAPTURE_MODULE, "_active_collector")
+    if not _collector:
+        _collector.append(load(_CAPTURE_MODULE, "_active_collector"))
+    collector = _collector[0]
     if collector is None:
         return False
     try:

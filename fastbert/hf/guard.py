@@ -133,6 +133,9 @@ class Guard:
         self.encoder_type = encoder_type
         self._plan: Optional[_Plan] = None
 
+    def __getstate__(self):  # a copy (deepcopy, pickle) rebuilds its plan from its own modules
+        return {**self.__dict__, "_plan": None}
+
     def check(self, base: nn.Module, state) -> Tuple[List[str], bool]:
         """(reasons the fused path cannot serve this call, whether any twin carries hooks)."""
         plan = self._plan
@@ -140,8 +143,10 @@ class Guard:
             plan = self._plan = self._build(base, state)
         why = list(plan.static)
         why.extend(_global_hooks())
-        for name, module, d in plan.watched:
-            why.extend(_hook_reasons(name, module, d))
+        if any(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+               or "forward" in d for _, _, d in plan.watched):  # the common case, no hook anywhere, in one pass
+            for name, module, d in plan.watched:
+                why.extend(_hook_reasons(name, module, d))
         for name, module in plan.lora:
             problem, _ = linear_problem(module)
             if problem:

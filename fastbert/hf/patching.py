@@ -173,6 +173,10 @@ def _layer_modules(base: nn.Module, arch: table.Architecture) -> List[nn.Module]
 def _touchpoint_problems(base: nn.Module, arch: table.Architecture) -> List[str]:
     """What of the transformers code this model runs does not match fastbert's touchpoints (compat)."""
     name = type(base).__name__
+    fwd = base.__dict__.get("forward")
+    if fwd is not None and not compat.is_benign_forward(base, fwd):
+        # patching replaces the instance forward: whatever wrapped it (accelerate's hooks) would be lost
+        return [f"{name}'s forward is already replaced (e.g. by accelerate's hooks)"]
     problems = compat.check_signature(type(base).forward, f"{name}.forward", arch.args)
     problems += compat.check_attributes(base, name, arch.attributes + ((arch.layers,) if arch.layers else ()))
     if arch.embeddings is not None:

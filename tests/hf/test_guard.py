@@ -198,3 +198,28 @@ def test_layer_list_entry_replaced_runs_hf_code():
     fast.encoder.layer[1] = state.originals[1]
     _, said = _call(fast, ids, mask)
     assert len(said) == 1 and "encoder.layer.1 was replaced after patching" in said[0]
+
+
+def test_a_base_model_whose_forward_is_replaced_is_not_patched():
+    """accelerate's hooks replace forward on the instance; patching would drop them."""
+    model = M.base_model("bert")
+    original = model.forward
+    model.forward = lambda *a, **k: original(*a, **k)
+    with pytest.warns(UserWarning, match="forward is already replaced"):
+        fastbert.patch(model)
+    assert not fastbert.hf.is_patched(model)
+
+
+def test_patched_model_copies_rebuild_their_checks():
+    fast, hf = _pair()
+    ids, mask = M.inputs("bert")
+    _call(fast, ids, mask)
+    dup = copy.deepcopy(fast)
+    dup.encoder.layer[0].output.dense.register_forward_hook(_scale_output)
+    hf.encoder.layer[0].output.dense.register_forward_hook(_scale_output)
+    got, said = _call(dup, ids, mask)
+    ref, _ = _call(hf, ids, mask)
+    assert len(said) == 1 and "output.dense has a forward hook" in said[0]
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], rtol=0, atol=0)
+    _, said = _call(fast, ids, mask)
+    assert not said, "the original has no hook"

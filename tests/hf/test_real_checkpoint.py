@@ -36,7 +36,8 @@ def checkpoint():
 @pytest.mark.parametrize("backend,padding_free", [
     pytest.param(None, True, id="default-padding_free"),
     pytest.param(None, False, id="default-padded"),
-    pytest.param("triton", True, id="triton-padding_free"),
+    # slow: ~1 min in the Triton interpreter; `make test` skips it in its oldest-transformers pass
+    pytest.param("triton", True, id="triton-padding_free", marks=pytest.mark.slow),
 ])
 def test_real_checkpoint_outputs_and_grads(checkpoint, backend, padding_free):
     model, ids, mask = checkpoint
