@@ -23,6 +23,8 @@ from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence,
 
 import torch
 
+from fastbert import _runtime
+
 BACKENDS: Tuple[str, ...] = ("triton", "cuda", "cpu", "torch")
 
 # Default order per device type, before any measurement says otherwise. Ops may override.
@@ -92,9 +94,7 @@ def triton_status() -> Tuple[bool, str]:
     return _cache["triton"]
 
 
-def triton_interpreter() -> bool:
-    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1, read when kernels are defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+triton_interpreter = _runtime.triton_interpreter
 
 
 def extension_status() -> Tuple[bool, str]:

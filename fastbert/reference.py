@@ -18,14 +18,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastbert import _runtime
+
 # ----------------------------------------------------------------------------------------------
 # Philox4x32-10 on int64 tensors (values kept in [0, 2^32))
 # ----------------------------------------------------------------------------------------------
 _M32 = 0xFFFFFFFF
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = _runtime.PHILOX_KEY_A
+_PHILOX_KEY_B = _runtime.PHILOX_KEY_B
+_PHILOX_ROUND_A = _runtime.PHILOX_ROUND_A
+_PHILOX_ROUND_B = _runtime.PHILOX_ROUND_B
 
 
 def _mulhilo32(a: int, b: torch.Tensor):
@@ -56,9 +58,7 @@ def philox_uint32(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch
     return c0
 
 
-def dropout_threshold(p: float) -> int:
-    """Elements whose 31-bit random value is below this are dropped."""
-    return int(math.floor(float(p) * 2147483648.0))
+dropout_threshold = _runtime.dropout_threshold
 
 
 def dropout_keep(seed, offsets: torch.Tensor, p: float) -> torch.Tensor:

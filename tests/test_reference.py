@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -69,7 +68,6 @@ def test_attention_reference_matches_sdpa():
 
 def test_attention_reference_varlen_and_empty_rows():
     H, D = 2, 8
-    lens = [3, 5, 1]
     cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
     q, k, v = (torch.randn(9, H, D, dtype=torch.float64) for _ in range(3))
     out = reference.attention(q, k, v, cu_seqlens=cu, max_seqlen=5)

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from fastbert import backends
+from fastbert import _runtime, backends
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,21 +69,7 @@ def check_approximate(op: str, approximate) -> str:
 # ----------------------------------------------------------------------------------------------
 # output allocation
 # ----------------------------------------------------------------------------------------------
-def poison_enabled() -> bool:
-    """FASTBERT_POISON_OUTPUTS=1 makes every kernel output start as NaN (0x7f.. for integers), so a
-    test catches an element a kernel forgot to write. The C++ backends read the same variable."""
-    return os.environ.get("FASTBERT_POISON_OUTPUTS", "0") == "1"
-
-
-def new_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.empty, or NaN-poisoned under FASTBERT_POISON_OUTPUTS=1. Use for every kernel output."""
-    if poison_enabled():
-        if dtype.is_floating_point:
-            return torch.full(shape, float("nan"), dtype=dtype, device=device)
-        if dtype == torch.bool:
-            return torch.ones(shape, dtype=dtype, device=device)
-        return torch.full(shape, 0x7F, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+new_empty = _runtime.new_empty  # every kernel output (NaN-poisoned under FASTBERT_POISON_OUTPUTS=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,16 +59,14 @@ Padding and what it holds:
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastbert import backends
-from fastbert.ops._common import new_empty
+from fastbert import _runtime
+from fastbert._runtime import new_empty
 
 _LOG2E = 1.4426950408889634
 # kernels can read module globals only when they are constexpr
@@ -77,7 +75,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # an additive bias below this (natural units) masks its key (see the module doc)
 BIAS_MASKED = tl.constexpr(-1.0e20)
 
-_INTERPRET = backends.triton_interpreter()
+_INTERPRET = _runtime.triton_interpreter()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +610,7 @@ _dq_fixed = triton.autotune(configs=[_cfg(64, 32, 4, 2)], key=_FLAGS)(_attention
 
 
 def _kernels():
-    if _INTERPRET or os.environ.get("FASTBERT_TRITON_AUTOTUNE", "1") != "0":
+    if _INTERPRET or _runtime.triton_autotune():
         return _fwd, _dkdv, _dq
     return _fwd_fixed, _dkdv_fixed, _dq_fixed
 
@@ -652,7 +650,7 @@ def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, caus
         cu=cu_seqlens if packed else q,
         seed=seed if dropout else q,
         sm_scale=float(scale),
-        drop_threshold=int(math.floor(dropout_p * 2147483648.0)) if dropout else 0,
+        drop_threshold=_runtime.dropout_threshold(dropout_p) if dropout else 0,
         drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
         seq_bucket=min(max(16, triton.next_power_of_2(max(Sq, Sk, 1))), 8192),
         flags=dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PACKED=packed,

@@ -25,7 +25,6 @@ input_precision="ieee") whatever torch's TF32 switches say; 16-bit GEMMs go to t
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -33,8 +32,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# Read when the kernels are defined, as Triton itself does.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastbert import _runtime
+
+_INTERPRET = _runtime.triton_interpreter()
 
 # exp for the GELU math. On a GPU tl.exp is ex2.approx after a rounded multiply by log2(e) (a few ulp
 # off for |x| of a few units); libdevice's exp is accurate to 1 ulp, as PyTorch's expf is. Its division

@@ -35,15 +35,14 @@ Backward math (one row; N elements; w = weight, g = grad_out, mu = mean, r = rst
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastbert import reference
-from fastbert.ops._common import new_empty
+from fastbert import _runtime
+from fastbert._runtime import new_empty
 
 MAX_N = 8192
 
@@ -193,8 +192,7 @@ def _add_layer_norm_bwd_kernel(
 # enable_fp_fusion=False, so each step rounds as PyTorch's separate ops do. Seen on an H100: with N = 1
 # (x - mean = 0, rstd = 1/sqrt(eps) = 1e6) the contracted gy - c1 left gy's rounding error, times 1e6,
 # in grad x (0.035 where the answer is exactly 0). These kernels are memory-bound: the cost is nil.
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_interpreting = _runtime.triton_interpreter
 
 
 def _num_warps(block_n: int, backward: bool = False) -> int:
@@ -232,7 +230,7 @@ def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor], device: torch.
         raise ValueError(f"add_layer_norm: seed must be an int64 tensor of shape [1], got {seed.dtype} {tuple(seed.shape)}")
     if seed.device != device:
         raise ValueError(f"add_layer_norm: seed is on {seed.device} but x is on {device}")
-    return True, reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+    return True, _runtime.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _check_2d(name: str, t: Optional[torch.Tensor], shape) -> None:

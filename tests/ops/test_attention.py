@@ -6,7 +6,6 @@ bf16 runs only on a GPU: the Triton interpreter's bf16 tl.dot and fp32->bf16 rou
 (an interpreter gap, not a kernel bug).
 """
 import itertools
-import math
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from fastbert import backends, reference
 from fastbert.ops import _common
 from fastbert.ops.attention import attention
 from fastbert.testing import assert_no_worse, flash_grad_atol
-from tests.helpers import DEVICES, HAS_CUDA, require_backend
+from tests.helpers import DEVICES, require_backend
 
 KERNELS = ("attention_fwd", "attention_bwd")
 
