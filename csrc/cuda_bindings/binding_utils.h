@@ -125,5 +125,8 @@ inline bool parse_approximate(const char* op, c10::string_view approximate) {
   return false;
 }
 
+// a float tensor's data, or nullptr for an undefined one (an absent optional argument)
+inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
 }  // namespace cuda_bindings
 }  // namespace fastbert

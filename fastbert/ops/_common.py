@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -11,13 +11,6 @@ from fastbert import _runtime, backends
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Which fastbert/triton/<module>.py holds an op's Triton kernels.
-_TRITON_MODULE = {
-    "add_layer_norm": "layer_norm",
-    "bias_gelu": "ffn",
-    "linear_gelu": "ffn",
-    "attention": "attention",
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +53,12 @@ def check_float(op: str, name: str, value, *, lo: float, hi: float, lo_open: boo
     return value
 
 
+def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"fastbert.ops.{op}: {name} has dtype {t.dtype}, expected {ref_name}'s dtype {ref.dtype}")
+
+
 def check_approximate(op: str, approximate) -> str:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"fastbert.ops.{op}: approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
@@ -70,6 +69,28 @@ def check_approximate(op: str, approximate) -> str:
 # output allocation
 # ----------------------------------------------------------------------------------------------
 new_empty = _runtime.new_empty  # every kernel output (NaN-poisoned under FASTBERT_POISON_OUTPUTS=1)
+
+
+def empty_like(t: torch.Tensor, shape=None) -> torch.Tensor:
+    """new_empty with t's dtype and device (and shape, unless given)."""
+    return new_empty(tuple(t.shape) if shape is None else shape, dtype=t.dtype, device=t.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the dtype-only backend checks of the elementwise / GEMM ops (bias_gelu, linear_gelu)
+# ----------------------------------------------------------------------------------------------
+def dtype_check(x, **_) -> List[str]:
+    if x.dtype not in KERNEL_DTYPES:
+        return [f"dtype {x.dtype} (kernels take float16, bfloat16, float32)"]
+    return []
+
+
+def dtype_key(x, **_):
+    """Everything dtype_check reads (the Dispatchers cache decisions by it)."""
+    return x.dtype
+
+
+DTYPE_CHECKS = {"triton": dtype_check, "cuda": dtype_check, "cpu": dtype_check}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +118,8 @@ _kernels: dict = {}  # (backend, kernel name) -> torch.ops callable, looked up o
 
 
 def triton_module(op: str):
-    """Import fastbert/triton/<module>.py lazily, so `import fastbert` never imports triton."""
-    return importlib.import_module(f"fastbert.triton.{_TRITON_MODULE[op]}")
+    """Import fastbert/triton/<op>.py lazily, so `import fastbert` never imports triton."""
+    return importlib.import_module(f"fastbert.triton.{op}")
 
 
 def register_fake_both(name: str, fake) -> None:

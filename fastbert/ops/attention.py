@@ -124,24 +124,23 @@ class _AttentionFn(torch.autograd.Function):
     """The triton backend's autograd (cpu/cuda: fastbert::attention, a C++ graph node)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed, backend):
-        out, lse = C.kernel(backend, OP, "attention_fwd")(q, k, v, mask, bias, cu_seqlens, max_seqlen, causal,
+    def forward(ctx, q, k, v, mask, bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
+        out, lse = C.kernel("triton", OP, "attention_fwd")(q, k, v, mask, bias, cu_seqlens, max_seqlen, causal,
                                                           scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, mask, bias, cu_seqlens, seed)
         ctx.args = (max_seqlen, causal, scale, dropout_p)
-        ctx.backend = backend
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask, bias, cu_seqlens, seed = ctx.saved_tensors
         max_seqlen, causal, scale, dropout_p = ctx.args
-        dq, dk, dv = C.kernel(ctx.backend, OP, "attention_bwd")(
+        dq, dk, dv = C.kernel("triton", OP, "attention_bwd")(
             grad_out.contiguous(), q, k, v, out, lse, mask, bias, cu_seqlens, max_seqlen, causal, scale,
             dropout_p, seed)
         need = ctx.needs_input_grad
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,5 +292,5 @@ def attention(
     if C.needs_grad(q, k, v):
         if decision.backend in C.CPP_AUTOGRAD:
             return torch.ops.fastbert.attention(*args)  # C++ graph node (csrc/autograd.cpp)
-        return _AttentionFn.apply(*args, decision.backend)
+        return _AttentionFn.apply(*args)
     return C.kernel(decision.backend, OP, "attention_fwd")(*args)[0]

@@ -2,7 +2,8 @@
 fastbert.reference in float64 (the rule of fastbert.testing), the Philox dropout stream bit for bit,
 TORCH_CHECK messages naming the argument, opcheck against the Python fake kernels, and results that do
 not depend on the number of threads. Outputs are NaN-poisoned (conftest), so an unwritten element fails.
-The shared op tests (test_layer_norm.py, test_ffn.py, test_attention.py) cover the front ends."""
+The shared op tests (test_add_layer_norm.py, test_linear_gelu.py, test_bias_gelu.py, test_attention.py) cover
+the front ends."""
 import math
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 
 import fastbert  # noqa: F401  (registers the fake kernels of the C++ ops)
 import fastbert.ops.attention  # noqa: F401
-import fastbert.ops.ffn  # noqa: F401
-import fastbert.ops.layer_norm  # noqa: F401
+import fastbert.ops.bias_gelu  # noqa: F401
+import fastbert.ops.linear_gelu  # noqa: F401
+import fastbert.ops.add_layer_norm  # noqa: F401
 from fastbert import backends, reference
 from fastbert.testing import assert_no_worse
 

@@ -393,7 +393,7 @@ def test_attention_rejects_head_dim_over_128():
 def test_cross_check_random_shapes(trial):
     import fastbert
     from fastbert.ops.attention import attention
-    from fastbert.ops.layer_norm import add_layer_norm
+    from fastbert.ops.add_layer_norm import add_layer_norm
 
     gen = torch.Generator().manual_seed(1234 + trial)
     pick = (lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))])

@@ -1,23 +1,10 @@
-"""Triton kernels of the GELU feed-forward: gelu(x @ W^T + b) as ONE GEMM with bias + GELU in its
-epilogue, and the fused elementwise gelu(x + b) with its backward.
+"""Triton kernels of linear_gelu: gelu(x @ W^T + b) as ONE GEMM with bias + GELU in its epilogue.
 
 Kernels first, then the launchers. The launchers take their outputs preallocated (the op front end
-in fastbert/ops/ffn.py allocates them, NaN-poisoned under test), so this module imports nothing of
-fastbert's and the data flow stays one-way (ops -> triton).
+in fastbert/ops/linear_gelu.py allocates them, NaN-poisoned under test); of fastbert this module
+imports only fastbert._runtime and the shared GELU math (_gelu.py), so the data flow stays one-way.
 
-GELU math (every kernel computes it in fp32, whatever the storage dtype, and rounds once on store):
-
-  exact ("none"):  gelu(h)  = h * Phi(h),  Phi(h) = 0.5 * (1 + erf(h / sqrt(2)))
-                   gelu'(h) = Phi(h) + h * phi(h),  phi(h) = exp(-h^2 / 2) / sqrt(2 pi)
-     (d/dh [h Phi(h)] = Phi + h Phi', and Phi' is the normal density phi.)
-
-  tanh ("tanh"):   gelu(h)  = 0.5 * h * (1 + tanh(u)),  u = c * (h + a h^3),  c = sqrt(2/pi), a = 0.044715
-     0.5 * (1 + tanh(u)) = sigmoid(2u), so gelu(h) = h * s with s = sigmoid(2u): no tanh (libdevice)
-     is needed, and no cancellation in 1 + tanh(u) near u = -inf.
-                   gelu'(h) = s + h * ds/dh = s + h * 2 u' * s (1 - s),  u' = c * (1 + 3 a h^2)
-     With t = exp(-2|u|) in (0, 1] (never overflows): s = 1/(1+t) for u >= 0 and t/(1+t) for u < 0,
-     and s (1 - s) = t / (1+t)^2 in both cases, so very negative u gives 0 instead of 0 * inf.
-
+The GELU math is in _gelu.py (computed in fp32 on the accumulator, rounded once on store).
 The GEMM's backward (dx = g @ W, dW = g^T @ x with g = gelu'(pre) * dy) reuses the forward kernel
 with ACTIVATION = identity on transposed strided views: `a @ b^T` only needs strides, so no
 transposed copy is made. It is used for fp32, where it guarantees IEEE products (tl.dot
@@ -30,65 +17,14 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from fastbert import _runtime
+from fastbert.triton._gelu import ACT_IDENTITY
+from fastbert.triton._gelu import ACTIVATION as _ACTIVATIONS
+from fastbert.triton._gelu import gelu as _gelu
+from fastbert.triton._gelu import on_device as _on_device
 
 _INTERPRET = _runtime.triton_interpreter()
-
-# exp for the GELU math. On a GPU tl.exp is ex2.approx after a rounded multiply by log2(e) (a few ulp
-# off for |x| of a few units); libdevice's exp is accurate to 1 ulp, as PyTorch's expf is. Its division
-# is correctly rounded (tl.math.div_rn) for the same reason; the interpreter has no libdevice and its
-# tl.exp is numpy's (accurate), so it keeps tl.exp.
-_LIBDEVICE_EXP = tl.constexpr(not _INTERPRET)
-
-
-@triton.jit
-def _exp(x):
-    if _LIBDEVICE_EXP:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-_ACT_IDENTITY = 0
-_ACT_GELU_ERF = 1
-_ACT_GELU_TANH = 2
-_ACTIVATION = {"none": _ACT_GELU_ERF, "tanh": _ACT_GELU_TANH}
-
-# Globals read inside @triton.jit must be tl.constexpr (the interpreter does not enforce it; the
-# compiler does).
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
-_TANH_A = tl.constexpr(0.044715)
-
-
-@triton.jit
-def _gelu(h, TANH: tl.constexpr):
-    """gelu(h) for fp32 h (see the module doc)."""
-    if TANH:
-        u = _SQRT_2_OVER_PI * (h + _TANH_A * h * h * h)
-        t = _exp(-2.0 * tl.abs(u))
-        s = tl.where(u >= 0, tl.math.div_rn(1.0, 1.0 + t), tl.math.div_rn(t, 1.0 + t))
-        return h * s
-    else:
-        return 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
-
-
-@triton.jit
-def _gelu_grad(h, TANH: tl.constexpr):
-    """gelu'(h) for fp32 h (see the module doc)."""
-    if TANH:
-        u = _SQRT_2_OVER_PI * (h + _TANH_A * h * h * h)
-        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_A * h * h)
-        t = _exp(-2.0 * tl.abs(u))
-        r = tl.math.div_rn(1.0, 1.0 + t)
-        s = tl.where(u >= 0, r, t * r)
-        return s + h * (2.0 * du) * (t * r * r)
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
-        pdf = _INV_SQRT_2PI * _exp(-0.5 * h * h)
-        return cdf + h * pdf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,116 +147,9 @@ def _linear_gelu_fwd_kernel(
         acc = _gelu(acc, True)
     tl.store(OUT + out_off, acc.to(OUT.dtype.element_ty), mask=mask)
 
-
 # ----------------------------------------------------------------------------------------------
-# elementwise bias + GELU
+# launchers (inputs are checked by fastbert/ops/linear_gelu.py; outputs come preallocated)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _bias_gelu_fwd_kernel(
-    X,  # [rows, N] input, unit stride along N
-    B,  # [N] bias (read only when HAS_BIAS)
-    OUT,  # [rows, N] gelu(X + B), contiguous
-    rows, N,  # sizes
-    stride_x,  # X row stride
-    HAS_BIAS: tl.constexpr,  # add B before the activation
-    TANH: tl.constexpr,  # tanh GELU instead of exact erf GELU
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: BLOCK_R rows x BLOCK_N columns
-):
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask = (offs_r < rows)[:, None] & mask_n[None, :]
-    r64 = offs_r.to(tl.int64)[:, None]
-    # x + b in fp32: one rounding at the store instead of PyTorch's two (after the add, after gelu)
-    h = tl.load(X + r64 * stride_x + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        h += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = _gelu(h, TANH)
-    tl.store(OUT + r64 * N + offs_n[None, :], y.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bias_gelu_bwd_kernel(
-    DY,  # [rows, N] gradient of the output, unit stride along N
-    X,  # [rows, N] forward input, unit stride along N
-    B,  # [N] forward bias (read only when HAS_BIAS)
-    DX,  # [rows, N] gelu'(X + B) * DY, contiguous (also the bias gradient before the row sum)
-    rows, N,  # sizes
-    stride_dy, stride_x,  # row strides
-    HAS_BIAS: tl.constexpr,  # the forward added B
-    TANH: tl.constexpr,  # tanh GELU instead of exact erf GELU
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: BLOCK_R rows x BLOCK_N columns
-):
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask = (offs_r < rows)[:, None] & mask_n[None, :]
-    r64 = offs_r.to(tl.int64)[:, None]
-    h = tl.load(X + r64 * stride_x + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        h += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    dy = tl.load(DY + r64 * stride_dy + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    dx = _gelu_grad(h, TANH) * dy
-    tl.store(DX + r64 * N + offs_n[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# launchers (inputs are checked by fastbert/ops/ffn.py; outputs come preallocated)
-# ----------------------------------------------------------------------------------------------
-class _on_device:
-    """Launch on the tensor's CUDA device (Triton launches on the current device)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.ctx = torch.cuda.device(t.device) if t.is_cuda else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
-
-
-def _elementwise_tile(N: int):
-    # ~4K elements per program: enough bytes in flight per SM for a memory-bound op, few registers
-    block_n = min(triton.next_power_of_2(max(N, 1)), 1024)
-    block_r = max(1, 4096 // block_n)
-    return block_r, block_n, (4 if block_r * block_n >= 2048 else 2)
-
-
-def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str, out: torch.Tensor) -> torch.Tensor:
-    """out[:] = gelu(x + bias); x [rows, N] with unit stride along N, out [rows, N] contiguous."""
-    rows, n = x.shape
-    if rows == 0 or n == 0:
-        return out
-    block_r, block_n, warps = _elementwise_tile(n)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(n, block_n))
-    with _on_device(x):
-        _bias_gelu_fwd_kernel[grid](
-            x, bias if bias is not None else x, out, rows, n, x.stride(0),
-            HAS_BIAS=bias is not None, TANH=approximate == "tanh",
-            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
-    return out
-
-
-def bias_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str,
-                  grad_x: torch.Tensor) -> torch.Tensor:
-    """grad_x[:] = gelu'(x + bias) * grad_out; all [rows, N], unit stride along N, grad_x contiguous."""
-    rows, n = x.shape
-    if rows == 0 or n == 0:
-        return grad_x
-    block_r, block_n, warps = _elementwise_tile(n)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(n, block_n))
-    with _on_device(x):
-        _bias_gelu_bwd_kernel[grid](
-            grad_out, x, bias if bias is not None else x, grad_x, rows, n, grad_out.stride(0), x.stride(0),
-            HAS_BIAS=bias is not None, TANH=approximate == "tanh",
-            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
-    return grad_x
-
-
 def _gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
           pre: Optional[torch.Tensor], activation: int) -> torch.Tensor:
     """out[:] = activation(x @ w^T + bias) for strided 2-D x [M, K], w [N, K]; pre gets the
@@ -345,10 +174,10 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: t
 def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], approximate: str,
                     out: torch.Tensor, pre: Optional[torch.Tensor]) -> torch.Tensor:
     """out[:] = gelu(x @ weight^T + bias) in one GEMM; pre (if given) gets x @ weight^T + bias."""
-    return _gemm(x, weight, bias, out, pre, _ACTIVATION[approximate])
+    return _gemm(x, weight, bias, out, pre, _ACTIVATIONS[approximate])
 
 
 def matmul_ieee(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[:] = a @ b (2-D, any strides) with IEEE fp32 products: the backward GEMMs at fp32."""
     # a @ b == a @ (b^T)^T: hand the kernel b^T as its [N, K] "weight", a strided view, no copy.
-    return _gemm(a, b.t(), None, out, None, _ACT_IDENTITY)
+    return _gemm(a, b.t(), None, out, None, ACT_IDENTITY)

@@ -1,6 +1,6 @@
 """add_layer_norm: LayerNorm(dropout(x + x_bias) + residual), the epilogue of BertSelfOutput/BertOutput.
 
-The dispatch point of the op and its autograd Function. Backends: triton (fastbert/triton/layer_norm.py,
+The dispatch point of the op and its autograd Function. Backends: triton (fastbert/triton/add_layer_norm.py,
 registered below as fastbert::triton_add_layer_norm_{fwd,bwd}), cpu/cuda (fastbert._C, schemas in
 csrc/ops.cpp), torch (fastbert/reference.py under autograd).
 """
@@ -94,20 +94,19 @@ class _AddLayerNormFn(torch.autograd.Function):
     is C++: csrc/autograd.cpp)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, x_bias, eps, dropout_p, seed, backend):
-        out, mean, rstd = C.kernel(backend, OP, "add_layer_norm_fwd")(
+    def forward(ctx, x, weight, bias, residual, x_bias, eps, dropout_p, seed):
+        out, mean, rstd = C.kernel("triton", OP, "add_layer_norm_fwd")(
             x, weight, bias, residual, x_bias, eps, dropout_p, seed)
         ctx.save_for_backward(x, weight, bias, residual, x_bias, mean, rstd, seed)
         ctx.has_residual = residual is not None
         ctx.has_x_bias = x_bias is not None
         ctx.dropout_p = dropout_p
-        ctx.backend = backend
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, residual, x_bias, mean, rstd, seed = ctx.saved_tensors
-        g_pre, g_x, g_w, g_b, g_xb = C.kernel(ctx.backend, OP, "add_layer_norm_bwd")(
+        g_pre, g_x, g_w, g_b, g_xb = C.kernel("triton", OP, "add_layer_norm_bwd")(
             grad_out.contiguous(), x, weight, bias, residual, x_bias, mean, rstd, ctx.dropout_p, seed)
         if ctx.dropout_p == 0.0:
             g_x = g_pre
@@ -118,7 +117,7 @@ class _AddLayerNormFn(torch.autograd.Function):
             g_b if (bias is not None and need[2]) else None,
             g_pre if (ctx.has_residual and need[3]) else None,
             g_xb if (ctx.has_x_bias and need[4]) else None,
-            None, None, None, None,
+            None, None, None,
         )
 
 
@@ -187,7 +186,7 @@ def add_layer_norm(
         if decision.backend in C.CPP_AUTOGRAD:
             out = torch.ops.fastbert.add_layer_norm(*args)  # C++ graph node (csrc/autograd.cpp)
         else:
-            out = _AddLayerNormFn.apply(*args, decision.backend)
+            out = _AddLayerNormFn.apply(*args)
     else:
         out = C.kernel(decision.backend, OP, "add_layer_norm_fwd")(*args)[0]
     return out if flat else out.reshape(x.shape)
