@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fastbert.hf import compat, peft
-from fastbert.nn.layers import LinearParts, _get
+from fastbert.nn.layers import LinearParts, get_path
 
 _epoch = [0]
 _installed = [False]
@@ -167,12 +167,12 @@ class Guard:
         if arch.layers is not None:
             enc_path = arch.layers.rsplit(".", 1)[0] if "." in arch.layers else None
             if enc_path:
-                enc = _get(base, enc_path)
+                enc = get_path(base, enc_path)
                 if type(enc) is not self.encoder_type:
                     static.append(f"{enc_path} is now a {type(enc).__name__}")
                 watched.append((enc_path, enc, enc.__dict__))
             try:
-                current = _get(base, arch.layers)
+                current = get_path(base, arch.layers)
             except AttributeError:
                 current = None
             if current is not state.layer_list:

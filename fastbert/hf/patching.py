@@ -56,13 +56,13 @@ import warnings
 from typing import Any, Dict, List, Optional, Set
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastbert import backends
 from fastbert.hf import compat, guard, table
 from fastbert.hf.attention import register
-from fastbert.nn.layers import FastBertLayer, _get
+from fastbert.nn import padding
+from fastbert.nn.layers import FastBertLayer, get_path
 
 _STATE = "_fastbert_patch"
 _REFUSED = "_fastbert_not_patched"  # touchpoint problems that kept a model unpatched, for explain()
@@ -167,7 +167,7 @@ def _is_inside(m: nn.Module, parent: nn.Module) -> bool:
 
 
 def _layer_modules(base: nn.Module, arch: table.Architecture) -> List[nn.Module]:
-    return list(arch.layer_views(base)) if arch.layers is None else list(_get(base, arch.layers))
+    return list(arch.layer_views(base)) if arch.layers is None else list(get_path(base, arch.layers))
 
 
 def _touchpoint_problems(base: nn.Module, arch: table.Architecture) -> List[str]:
@@ -203,7 +203,7 @@ def _touchpoint_problems(base: nn.Module, arch: table.Architecture) -> List[str]
             continue
         for path in guard.container_paths(arch.layout):
             try:
-                obj = _get(layer, path)
+                obj = get_path(layer, path)
             except AttributeError:
                 problems.append(f"{where} has no {path!r} in transformers {compat.version()}")
                 continue
@@ -218,7 +218,7 @@ def _touchpoint_problems(base: nn.Module, arch: table.Architecture) -> List[str]
 
 def _activation_problems(base, arch, layer, where) -> List[str]:
     """The activation module is the one the config names (the fused path computes it from the name)."""
-    act = _get(layer, arch.layout.act)
+    act = get_path(layer, arch.layout.act)
     names = [getattr(base.config, n, None) for n in arch.layout.act_config]
     name = next((n for n in names if isinstance(n, str)), None)
     if name is None or not isinstance(act, nn.Module):
@@ -231,8 +231,8 @@ def _activation_problems(base, arch, layer, where) -> List[str]:
 
 
 def _expected_types(layer: nn.Module, arch: table.Architecture) -> Dict[str, type]:
-    out = {path: type(_get(layer, path)) for path in guard.container_paths(arch.layout)}
-    act = _get(layer, arch.layout.act)
+    out = {path: type(get_path(layer, path)) for path in guard.container_paths(arch.layout)}
+    act = get_path(layer, arch.layout.act)
     if isinstance(act, nn.Module):
         out[arch.layout.act] = type(act)
     return out
@@ -246,9 +246,9 @@ def _patch_base(base: nn.Module, arch: table.Architecture, backend, padding_free
         fast = [FastBertLayer.from_hf(v, arch.layout, config=base.config, resolve_linear=guard.resolve_linear)
                 for v in layers]
     else:
-        layer_list = _get(base, arch.layers)
+        layer_list = get_path(base, arch.layers)
         originals = layers
-        encoder_type = type(_get(base, arch.layers.rsplit(".", 1)[0])) if "." in arch.layers else None
+        encoder_type = type(get_path(base, arch.layers.rsplit(".", 1)[0])) if "." in arch.layers else None
         fast = []
         for layer in originals:
             f = HFFastBertLayer.from_hf(layer, arch.layout, config=base.config, resolve_linear=guard.resolve_linear)
@@ -406,28 +406,13 @@ def _fallback(self: nn.Module, state: _PatchState, args, kwargs):
             state.layer_list[i] = f
 
 
-def _pack_plan(valid: torch.Tensor):
-    """(indices of real tokens in the flattened [B*S], cu_seqlens int32 [B+1], max_seqlen, total) from a
-    boolean [B, S] mask. Reading (total, max_seqlen) to the host is the one sync of a forward: the sizes
-    of the packed tensors and the attention grid depend on them."""
-    seqlens = valid.sum(1, dtype=torch.int32)
-    total, max_len = (int(t) for t in torch.stack([seqlens.sum(), seqlens.max()]).tolist())
-    flat = valid.reshape(-1)
-    if hasattr(torch, "nonzero_static"):
-        idx = torch.nonzero_static(flat, size=total).reshape(-1)  # size known: no second sync
-    else:  # pragma: no cover
-        idx = flat.nonzero().reshape(-1)
-    cu = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
-    return idx, cu, max_len, total
-
-
 def _fast_forward(self: nn.Module, state: _PatchState, a: Dict[str, Any], extra: Dict[str, Any], padded: bool):
     cfg = self.config
     arch = state.arch
     state.fast_calls += 1
     mask = arch.derive_mask(self, a) if arch.derive_mask is not None else a.get("attention_mask")
     h = arch.embed(self, a, mask, state.embed_names)  # [B, S, hidden]
-    B, S, H = h.shape
+    B, S, _ = h.shape
     want_hs = extra.get("output_hidden_states")
     if want_hs is None:
         want_hs = getattr(cfg, "output_hidden_states", False)
@@ -443,8 +428,8 @@ def _fast_forward(self: nn.Module, state: _PatchState, a: Dict[str, Any], extra:
         valid = mask if mask.dtype == torch.bool else mask != 0
         valid = valid.to(h.device)
         if not padded:
-            plan = _pack_plan(valid)
-            if plan[3] == B * S:  # no padding at all: run padded, no mask, no gather
+            plan = padding.plan(valid)
+            if not plan.has_padding:  # no padding at all: run padded, no mask, no gather
                 plan, valid = None, None
     hs = None
     if want_hs:
@@ -454,17 +439,12 @@ def _fast_forward(self: nn.Module, state: _PatchState, a: Dict[str, Any], extra:
         return hs is not None and (selected is None or i in selected)
 
     if plan is not None:
-        idx, cu, max_len, _ = plan
-
-        def unpack(t):
-            return t.new_zeros(B * S, t.shape[-1]).index_copy(0, idx, t).view(B, S, t.shape[-1])
-
-        x = h.reshape(B * S, H).index_select(0, idx)
+        x = padding.pack(h, plan)
         for i, layer in enumerate(state.fast, 1):
-            x = layer(x, cu_seqlens=cu, max_seqlen=max_len)
+            x = layer(x, cu_seqlens=plan.cu_seqlens, max_seqlen=plan.max_seqlen)
             if hs is not None:
-                hs.append(unpack(x) if keep(i) else None)
-        seq = hs[-1] if hs is not None and hs[-1] is not None and len(state.fast) else unpack(x)
+                hs.append(padding.unpack(x, plan) if keep(i) else None)
+        seq = hs[-1] if hs is not None and hs[-1] is not None and len(state.fast) else padding.unpack(x, plan)
     else:
         x = h
         zero = valid[..., None] if (arch.zero_padding and valid is not None) else None

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert.hf import compat
-from fastbert.nn.layers import BERT_LAYOUT, DISTILBERT_LAYOUT, XLM_LAYOUT, Layout
+from fastbert.hf.layouts import BERT_LAYOUT, DISTILBERT_LAYOUT, XLM_LAYOUT
+from fastbert.nn.layers import Layout
 
 
 def _bert_embed(base, a: Dict, mask, names: Dict[str, Tuple[str, bool]]) -> torch.Tensor:
@@ -74,7 +75,7 @@ def _xlm_mask(base, a: Dict):
 
 
 class _XLMLayer(nn.Module):
-    """One XLM/FlauBERT layer gathered from the model's parallel ModuleLists (see nn.XLM_LAYOUT). Not
+    """One XLM/FlauBERT layer gathered from the model's parallel ModuleLists (see hf/layouts.py's XLM_LAYOUT). Not
     registered in the model: the model's own lists stay the owners of these modules."""
 
     def __init__(self, base, i: int):

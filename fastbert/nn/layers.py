@@ -27,7 +27,7 @@ understands PEFT's LoRA layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Hashable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,24 +35,10 @@ from torch import nn
 
 from fastbert import backends, ops
 
-# HF activation names -> how fastbert computes them. "none"/"tanh" go to linear_gelu (exact erf GELU
-# and the tanh approximation; never substituted for each other); "relu"/"silu" are F.linear + the
-# torch function; anything else runs the HF module's own activation callable after F.linear.
-GELU_EXACT = ("gelu",)
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh")
-ACTIVATIONS: Dict[str, Tuple[str, Optional[str]]] = {
-    **{n: ("gelu", "none") for n in GELU_EXACT},
-    **{n: ("gelu", "tanh") for n in GELU_TANH},
-    "relu": ("relu", None),
-    "silu": ("silu", None),
-    "swish": ("silu", None),
-}
-
-
 _LAYER_OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu")
 
 
-def _get(module: nn.Module, path: Optional[str]):
+def get_path(module: nn.Module, path: Optional[str]):
     """getattr along a dotted path ("attention.self.query"); None for a None path."""
     if path is None:
         return None
@@ -128,29 +114,6 @@ class Layout:
     act_config: Tuple[str, ...] = ("hidden_act",)  # config fields naming the activation, first found wins
 
 
-BERT_LAYOUT = Layout(
-    name="bert", attention="attention.self", q="query", k="key", v="value", heads="num_attention_heads",
-    attn_dropout="dropout", o="attention.output.dense", ln1="attention.output.LayerNorm",
-    drop1="attention.output.dropout", ffn_in="intermediate.dense", act="intermediate.intermediate_act_fn",
-    ffn_out="output.dense", ln2="output.LayerNorm", drop2="output.dropout", act_config=("hidden_act",))
-
-DISTILBERT_LAYOUT = Layout(
-    name="distilbert", attention="attention", q="q_lin", k="k_lin", v="v_lin", heads="n_heads",
-    attn_dropout="dropout", o="attention.out_lin", ln1="sa_layer_norm", drop1=None, ffn_in="ffn.lin1",
-    act="ffn.activation", ffn_out="ffn.lin2", ln2="output_layer_norm", drop2="ffn.dropout",
-    act_config=("activation",))
-
-# XLM / FlauBERT have no layer module: their layers are four parallel ModuleLists in the model. The
-# layer here is a view holding attention / layer_norm1 / ffn / layer_norm2 of one index, plus the
-# model's hidden dropout probability as `hidden_dropout` (fastbert/hf builds it).
-XLM_LAYOUT = Layout(
-    name="xlm", attention="attention", q="q_lin", k="k_lin", v="v_lin", heads="n_heads", attn_dropout="dropout",
-    o="attention.out_lin", ln1="layer_norm1", drop1="hidden_dropout", ffn_in="ffn.lin1", act="ffn.act",
-    ffn_out="ffn.lin2", ln2="layer_norm2", drop2="ffn.dropout", act_config=("gelu_activation",))
-
-LAYOUTS = (BERT_LAYOUT, DISTILBERT_LAYOUT, XLM_LAYOUT)
-
-
 def _dropout_p(obj) -> float:
     if obj is None:
         return 0.0
@@ -159,24 +122,40 @@ def _dropout_p(obj) -> float:
     return float(obj)
 
 
+# The layouts detect_layout tries, and the function mapping a config to an activation kind: knowledge of
+# Hugging Face's models, which fastbert/hf/layouts.py registers here when fastbert.hf is imported.
+LAYOUTS: List[Layout] = []
+_ACTIVATION_FROM_CONFIG: List[Callable] = []
+
+
+def register_layouts(*layouts: Layout) -> None:
+    """Add layouts for detect_layout to try (fastbert/hf/layouts.py registers the HF ones)."""
+    LAYOUTS.extend(lay for lay in layouts if lay not in LAYOUTS)
+
+
+def register_activation_resolver(fn: Callable) -> None:
+    """fn(config, layout.act_config) -> an activation kind (see FastBertLayer) or None."""
+    _ACTIVATION_FROM_CONFIG[:] = [fn]
+
+
 def detect_layout(module: nn.Module, *, attention: bool = False) -> Layout:
-    """The layout whose paths all resolve in `module` (an HF layer, or an attention module)."""
+    """The registered layout whose paths all resolve in `module` (an HF layer, or an attention module)."""
     for layout in LAYOUTS:
         try:
             if attention:
                 for p in (layout.q, layout.k, layout.v, layout.heads):
-                    _get(module, p)
+                    get_path(module, p)
             else:
                 for p in (layout.attention, layout.o, layout.ln1, layout.ffn_in, layout.ffn_out, layout.ln2):
-                    _get(module, p)
-                att = _get(module, layout.attention)
+                    get_path(module, p)
+                att = get_path(module, layout.attention)
                 for p in (layout.q, layout.k, layout.v, layout.heads):
-                    _get(att, p)
+                    get_path(att, p)
             return layout
         except AttributeError:
             continue
-    raise TypeError(f"fastbert.nn: {type(module).__name__} has none of the known layouts "
-                    f"({', '.join(l.name for l in LAYOUTS)})")
+    known = ", ".join(lay.name for lay in LAYOUTS) or "none registered: import fastbert.hf, or pass layout="
+    raise TypeError(f"fastbert.nn: {type(module).__name__} has none of the known layouts ({known})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,18 +277,6 @@ def _projection(x: torch.Tensor, parts: LinearParts) -> Tuple[torch.Tensor, Opti
     return (_add_low_rank(y, x, terms) if terms else y), lin.bias
 
 
-def _activation_kind(config, names: Tuple[str, ...]):
-    if config is None:
-        return None
-    for n in names:
-        act = getattr(config, n, None)
-        if isinstance(act, str):
-            return ACTIVATIONS.get(act)
-        if n == "gelu_activation" and isinstance(act, bool):  # XLM/FlauBERT: exact GELU or ReLU
-            return ("gelu", "none") if act else ("relu", None)
-    return None
-
-
 def _autocast(dev: str, *tensors):
     """A custom op is not autocast by torch: cast as autocast would cast F.linear's inputs."""
     if not torch.is_autocast_enabled(dev):
@@ -357,8 +324,8 @@ class FastBertSelfAttention(nn.Module):
     def from_hf(cls, module: nn.Module, *, resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear
                 ) -> "FastBertSelfAttention":
         layout = detect_layout(module, attention=True)
-        twin = cls(_get(module, layout.q), _get(module, layout.k), _get(module, layout.v),
-                   int(_get(module, layout.heads)), dropout=_get(module, layout.attn_dropout) or 0.0,
+        twin = cls(get_path(module, layout.q), get_path(module, layout.k), get_path(module, layout.v),
+                   int(get_path(module, layout.heads)), dropout=get_path(module, layout.attn_dropout) or 0.0,
                    scale=getattr(module, "scaling", None), names=(layout.q, layout.k, layout.v),
                    resolve_linear=resolve_linear)
         return twin.train(module.training)
@@ -384,6 +351,11 @@ class FastBertLayer(nn.Module):
     mode, the layer is recomputed in backward (torch.utils.checkpoint, non-reentrant; the RNG state is
     restored, so the recomputed dropout masks are the same). A subclass whose caller checkpoints it
     (fastbert/hf's, a transformers GradientCheckpointingLayer) sets `_outer_checkpointing = True`.
+
+    activation: how the FFN activation is computed: ("gelu", "none") exact erf GELU or ("gelu",
+    "tanh") through linear_gelu (never substituted for each other), ("relu", None) / ("silu", None)
+    after F.linear, or None: the HF module's own activation callable after F.linear. By default it is
+    derived from `config` by the resolver fastbert/hf registers (None without one).
     """
 
     gradient_checkpointing = False
@@ -391,7 +363,7 @@ class FastBertLayer(nn.Module):
     last_backends: Dict[str, Any] = {}  # op -> backends.Decision of this layer's last forward
 
     def __init__(self, hf_layer: nn.Module, layout: Optional[Layout] = None, config=None,
-                 resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear):
+                 resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear, activation=None):
         super().__init__()
         layout = layout or detect_layout(hf_layer)
         self.layout = layout
@@ -400,27 +372,30 @@ class FastBertLayer(nn.Module):
         # paths that are not modules of this twin (an XLM view's float dropout probability) resolve in
         # the HF layer; a tuple so that it is not registered a second time
         self._hf = (hf_layer,)
-        att = _get(hf_layer, layout.attention)
+        att = get_path(hf_layer, layout.attention)
         if config is None:
             config = getattr(att, "config", None)
         self.config = config
         self.training = hf_layer.training
         self._resolve = resolve_linear
-        self._act_kind = _activation_kind(config, layout.act_config)
+        if activation is None and config is not None and _ACTIVATION_FROM_CONFIG:
+            activation = _ACTIVATION_FROM_CONFIG[0](config, layout.act_config)
+        self._act_kind = activation
         self.qkv = FusedQKV()
-        self.num_heads = int(_get(att, layout.heads))
+        self.num_heads = int(get_path(att, layout.heads))
 
     @classmethod
     def from_hf(cls, module: nn.Module, layout: Optional[Layout] = None, config=None,
-                resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear) -> "FastBertLayer":
-        return cls(module, layout, config, resolve_linear)
+                resolve_linear: Callable[[nn.Module], LinearParts] = plain_linear, activation=None
+                ) -> "FastBertLayer":
+        return cls(module, layout, config, resolve_linear, activation)
 
     def at(self, path: Optional[str]):
         """The object at `path` (a Layout path), looked up now: in this module, else in the HF layer."""
         try:
-            return _get(self, path)
+            return get_path(self, path)
         except AttributeError:
-            return _get(self._hf[0], path)
+            return get_path(self._hf[0], path)
 
     def linear(self, path: str) -> LinearParts:
         return self._resolve(self.at(path))
@@ -456,9 +431,9 @@ class FastBertLayer(nn.Module):
         # the HF attention module is a shared child: its flag follows model.train()/eval() even while
         # the HF layer (not this twin) sits in the module tree
         train = att.training
-        parts = tuple(self._resolve(_get(att, p)) for p in (L.q, L.k, L.v))
-        p_att = _dropout_p(_get(att, L.attn_dropout)) if train else 0.0
-        ctx = _self_attention(h, parts, self.qkv, int(_get(att, L.heads)), getattr(att, "scaling", None), p_att,
+        parts = tuple(self._resolve(get_path(att, p)) for p in (L.q, L.k, L.v))
+        p_att = _dropout_p(get_path(att, L.attn_dropout)) if train else 0.0
+        ctx = _self_attention(h, parts, self.qkv, int(get_path(att, L.heads)), getattr(att, "scaling", None), p_att,
                               attention_mask, cu_seqlens, max_seqlen)
         y, bias = _projection(ctx, self.linear(L.o))
         a = _add_ln(y, bias, h, self.at(L.ln1), _dropout_p(self.at(L.drop1)) if train else 0.0)

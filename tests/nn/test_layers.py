@@ -11,6 +11,7 @@ from fastbert.testing import assert_no_worse
 from tests.helpers import DEVICES, require_backend
 
 transformers = pytest.importorskip("transformers")
+import fastbert.hf  # noqa: E402,F401  (registers the HF layouts and activation names with fastbert.nn)
 
 
 def _bert(hidden=32, heads=2, act="gelu", arch="bert"):
