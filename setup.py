@@ -76,7 +76,8 @@ def _extensions():
     def rel(paths):
         return sorted(os.path.relpath(p, ROOT) for p in paths)
 
-    cpp_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cpp_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                      + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cuda_bindings = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda_bindings", "*.cpp")))
     cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 

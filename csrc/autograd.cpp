@@ -35,25 +35,26 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
 }
 
 // accessor(): the typed handle of kernel `name`, looked up once
-#define FB_KERNEL_OP(accessor, Sig, name)                  \
-  const c10::TypedOperatorHandle<Sig>& accessor() {        \
-    static const auto op = kernel_op<Sig>(name);           \
-    return op;                                             \
+#define FB_KERNEL_OP(accessor, Sig, name)           \
+  const c10::TypedOperatorHandle<Sig>& accessor() { \
+    static const auto op = kernel_op<Sig>(name);    \
+    return op;                                      \
   }
 
 // ---------------------------------------------------------------------------------------------
 // add_layer_norm
 // ---------------------------------------------------------------------------------------------
-using AlnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const OptTensor&, const OptTensor&,
-                                                                 const OptTensor&, double, double, const OptTensor&);
+using AlnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                                 const OptTensor&, const OptTensor&, double, double,
+                                                                 const OptTensor&);
 using AlnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const at::Tensor&, const at::Tensor&, double, const OptTensor&);
 
-using AlnFwdPreSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
-    const OptTensor&);
+using AlnFwdPreSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                                const OptTensor&, const OptTensor&,
+                                                                                const OptTensor&, double, double,
+                                                                                const OptTensor&);
 
 FB_KERNEL_OP(aln_fwd, AlnFwdSig, "fastbert::add_layer_norm_fwd")
 FB_KERNEL_OP(aln_fwd_pre, AlnFwdPreSig, "fastbert::add_layer_norm_fwd_pre")
@@ -70,9 +71,9 @@ bool saves_pre(const at::Tensor& x, double dropout_p) {
 }
 
 struct AddLayerNormFn : public torch::autograd::Function<AddLayerNormFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const OptTensor& bias, const OptTensor& residual, const OptTensor& x_bias, double eps,
-                            double dropout_p, const OptTensor& seed) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                            const OptTensor& residual, const OptTensor& x_bias, double eps, double dropout_p,
+                            const OptTensor& seed) {
     at::AutoDispatchBelowADInplaceOrView below;
     at::Tensor out, mean, rstd;
     if (saves_pre(x, dropout_p)) {
@@ -84,8 +85,8 @@ struct AddLayerNormFn : public torch::autograd::Function<AddLayerNormFn> {
       ctx->save_for_backward({pre, weight, or_undefined(bias), at::Tensor(), zero_xb, mean, rstd, at::Tensor()});
     } else {
       std::tie(out, mean, rstd) = aln_fwd().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
-      ctx->save_for_backward({x, weight, or_undefined(bias), or_undefined(residual), or_undefined(x_bias), mean,
-                              rstd, or_undefined(seed)});
+      ctx->save_for_backward({x, weight, or_undefined(bias), or_undefined(residual), or_undefined(x_bias), mean, rstd,
+                              or_undefined(seed)});
     }
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
@@ -96,12 +97,12 @@ struct AddLayerNormFn : public torch::autograd::Function<AddLayerNormFn> {
     const variable_list s = ctx->get_saved_variables();
     const double p = ctx->saved_data["dropout_p"].toDouble();
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
-    auto [g_pre, g_x, g_w, g_b, g_xb] = aln_bwd().call(grads[0].contiguous(), s[0], s[1], or_none(s[2]),
-                                                       or_none(s[3]), or_none(s[4]), s[5], s[6], p, or_none(s[7]));
+    auto [g_pre, g_x, g_w, g_b, g_xb] = aln_bwd().call(grads[0].contiguous(), s[0], s[1], or_none(s[2]), or_none(s[3]),
+                                                       or_none(s[4]), s[5], s[6], p, or_none(s[7]));
     if (p == 0.0) g_x = g_pre;  // no dropout: d/dx = d/d(pre-norm sum)
     const at::Tensor none;
-    return {g_x, g_w, s[2].defined() ? g_b : none, has_residual ? g_pre : none, s[4].defined() ? g_xb : none,
-            none, none, none};
+    return {g_x,  g_w, s[2].defined() ? g_b : none, has_residual ? g_pre : none, s[4].defined() ? g_xb : none, none,
+            none, none};
   }
 };
 
@@ -112,8 +113,8 @@ at::Tensor add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight
 }
 
 at::Tensor add_layer_norm_forward_only(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                                       const OptTensor& residual, const OptTensor& x_bias, double eps,
-                                       double dropout_p, const OptTensor& seed) {
+                                       const OptTensor& residual, const OptTensor& x_bias, double eps, double dropout_p,
+                                       const OptTensor& seed) {
   return std::get<0>(aln_fwd().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed));
 }
 
@@ -159,16 +160,15 @@ at::Tensor bias_gelu_forward_only(const at::Tensor& x, const OptTensor& bias, c1
 // ---------------------------------------------------------------------------------------------
 using LgFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
                                                     c10::string_view, bool);
-using LgBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const OptTensor&,
-                                                                const at::Tensor&, c10::string_view);
+using LgBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const OptTensor&, const at::Tensor&, c10::string_view);
 
 FB_KERNEL_OP(lg_fwd, LgFwdSig, "fastbert::linear_gelu_fwd")
 FB_KERNEL_OP(lg_bwd, LgBwdSig, "fastbert::linear_gelu_bwd")
 
 struct LinearGeluFn : public torch::autograd::Function<LinearGeluFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const OptTensor& bias, c10::string_view approximate) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                            c10::string_view approximate) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, pre] = lg_fwd().call(x, weight, bias, approximate, /*save_pre=*/true);
     ctx->save_for_backward({x, weight, or_undefined(bias), pre});
@@ -201,21 +201,22 @@ at::Tensor linear_gelu_forward_only(const at::Tensor& x, const at::Tensor& weigh
 using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
                                                       bool, double, double, const OptTensor&);
-using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, double, double, const OptTensor&);
+using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&,
+                                                                  const OptTensor&, const OptTensor&, const OptTensor&,
+                                                                  int64_t, bool, double, double, const OptTensor&);
 
 FB_KERNEL_OP(attn_fwd, AttnFwdSig, "fastbert::attention_fwd")
 FB_KERNEL_OP(attn_bwd, AttnBwdSig, "fastbert::attention_bwd")
 
 struct AttentionFn : public torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const OptTensor& key_padding_mask, const OptTensor& attn_bias,
-                            const OptTensor& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
-                            double dropout_p, const OptTensor& seed) {
+                            const OptTensor& key_padding_mask, const OptTensor& attn_bias, const OptTensor& cu_seqlens,
+                            int64_t max_seqlen, bool causal, double scale, double dropout_p, const OptTensor& seed) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, lse] = attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
-                                      dropout_p, seed);
+    auto [out, lse] =
+        attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed);
     ctx->save_for_backward({q, k, v, out, lse, or_undefined(key_padding_mask), or_undefined(attn_bias),
                             or_undefined(cu_seqlens), or_undefined(seed)});
     ctx->saved_data["max_seqlen"] = max_seqlen;
@@ -227,10 +228,10 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    auto [dq, dk, dv] = attn_bwd().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], or_none(s[5]),
-                                        or_none(s[6]), or_none(s[7]), ctx->saved_data["max_seqlen"].toInt(),
-                                        ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
-                                        ctx->saved_data["dropout_p"].toDouble(), or_none(s[8]));
+    auto [dq, dk, dv] =
+        attn_bwd().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], or_none(s[5]), or_none(s[6]),
+                        or_none(s[7]), ctx->saved_data["max_seqlen"].toInt(), ctx->saved_data["causal"].toBool(),
+                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(), or_none(s[8]));
     const at::Tensor none;
     return {dq, dk, dv, none, none, none, none, none, none, none, none};
   }
@@ -248,8 +249,8 @@ at::Tensor attention_forward_only(const at::Tensor& q, const at::Tensor& k, cons
                                   const OptTensor& key_padding_mask, const OptTensor& attn_bias,
                                   const OptTensor& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
                                   double dropout_p, const OptTensor& seed) {
-  return std::get<0>(attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
-                                     dropout_p, seed));
+  return std::get<0>(
+      attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed));
 }
 
 }  // namespace

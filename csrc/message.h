@@ -31,7 +31,8 @@ inline std::string piece(c10::ScalarType t) { return c10::toString(t); }
 inline std::string piece(const c10::Device& d) { return d.str(); }
 
 template <typename T, typename std::enable_if<std::is_integral<T>::value && !std::is_same<T, bool>::value &&
-                                                  !std::is_same<T, char>::value, int>::type = 0>
+                                                  !std::is_same<T, char>::value,
+                                              int>::type = 0>
 inline std::string piece(T v) {
   return std::to_string(v);
 }

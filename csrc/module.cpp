@@ -8,8 +8,11 @@
 #endif
 
 static struct PyModuleDef fastbert_c_module = {
-    PyModuleDef_HEAD_INIT, "_C",
-    "fastbert's compiled ops; use them through fastbert.ops, which chooses a backend.", -1, nullptr,
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "fastbert's compiled ops; use them through fastbert.ops, which chooses a backend.",
+    -1,
+    nullptr,
 };
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -56,7 +56,8 @@ def _environment_lines():
     lines.append("cuda:    " + (f"{torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})" if cuda
                                 else f"no CUDA device (torch CUDA build: {torch.version.cuda is not None})"))
     forced = os.environ.get("FASTBERT_BACKEND")
-    lines.append(f"forced:  {backends.forced_backend() or 'none'}" + (f" (FASTBERT_BACKEND={forced})" if forced else ""))
+    lines.append(f"forced:  {backends.forced_backend() or 'none'}"
+                 + (f" (FASTBERT_BACKEND={forced})" if forced else ""))
     lines.append("backends per device (default order, each with why it cannot serve, if it cannot):")
     for dev_type, order in backends.DEFAULT_ORDER.items():
         if dev_type == "cuda" and not cuda:

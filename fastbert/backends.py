@@ -263,7 +263,8 @@ class Dispatcher:
         if forced is not None:
             why = self.reasons(forced, device, forced=True, **inputs)
             if why:
-                all_reasons = [f"  {b}: {'; '.join(self.reasons(b, device, forced=(b == forced), **inputs)) or 'can serve'}"
+                all_reasons = [f"  {b}: "
+                               + ("; ".join(self.reasons(b, device, forced=(b == forced), **inputs)) or "can serve")
                                for b in BACKENDS]
                 raise BackendUnavailableError(
                     f"fastbert.ops.{self.op}: backend {forced!r} was forced but cannot serve this input.\n"

@@ -31,7 +31,8 @@ def quick_run(tmp_path_factory):
     # for the process, so put it back afterwards.
     threads = torch.get_num_threads()
     try:
-        rc = main(["--quick", "--device", "cpu", "--threads", "1", "--models", "bert-tiny", "--batch", "2", "--seq", "16",
+        rc = main(["--quick", "--device", "cpu", "--threads", "1", "--models", "bert-tiny", "--batch", "2",
+                   "--seq", "16",
                    "--providers", "hf-eager,hf-sdpa,hf-sdpa-compile,fastbert,fastbert-triton",
                    "--ops", "add_layer_norm,attention", "--op-model", "bert-tiny", "--op-batch", "1",
                    "--op-seq", "16", "--op-modes", "fwd,bwd,fwd+bwd", "--out", str(out)])

@@ -46,7 +46,7 @@ def test_dropout_keep_rate():
 def test_add_layer_norm_reference_matches_torch():
     x = torch.randn(4, 7, 384, dtype=torch.float64)
     r = torch.randn_like(x)
-    xb, w, b = torch.randn(384, dtype=torch.float64), torch.randn(384, dtype=torch.float64), torch.randn(384, dtype=torch.float64)
+    xb, w, b = (torch.randn(384, dtype=torch.float64) for _ in range(3))
     out = reference.add_layer_norm(x, w, b, residual=r, x_bias=xb, eps=1e-5)
     assert torch.allclose(out, F.layer_norm(x + xb + r, (384,), w, b, 1e-5))
 

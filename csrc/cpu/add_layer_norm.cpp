@@ -10,10 +10,10 @@
 // dL/dh is grad_pre (= grad of residual). Dropout h = z * (x + x_bias) with z in {0, 1/(1-p)}
 // regenerated from the same Philox counters, so grad_x = z * grad_pre; grad_x_bias sums grad_x over
 // rows; grad_weight = sum over rows of g * xhat, grad_bias = sum of g.
-#include "cpu/common.h"
-
 #include <type_traits>
 #include <utility>
+
+#include "cpu/common.h"
 
 namespace fastbert {
 namespace cpu {
@@ -49,14 +49,15 @@ inline Vec pre_norm(const Row& r, int64_t j, int64_t c) {
 
 // Forward of one row: h into scratch (it stays in L1), mean and variance from it (the variance as
 // sum((h - mean)^2), not the cancellation-prone E[h^2] - mean^2), then y. Returns {mean, rstd}.
-inline std::pair<float, float> fwd_row(const Row& r, int64_t n, const float* __restrict w,
-                                       const float* __restrict b, float eps, float* __restrict h,
-                                       float* __restrict y) {
-  const float mean = static_cast<float>(blocked_vsum(n, [&](int64_t j, int64_t c) {
-                                          const Vec a = pre_norm(r, j, c);
-                                          a.store(h + j, c);
-                                          return a;  // zero past c
-                                        }) / n);
+inline std::pair<float, float> fwd_row(const Row& r, int64_t n, const float* __restrict w, const float* __restrict b,
+                                       float eps, float* __restrict h, float* __restrict y) {
+  const float mean = static_cast<float>(blocked_vsum(n,
+                                                     [&](int64_t j, int64_t c) {
+                                                       const Vec a = pre_norm(r, j, c);
+                                                       a.store(h + j, c);
+                                                       return a;  // zero past c
+                                                     }) /
+                                        n);
   const Vec vm(mean), zero(0.f);
   const double var_sum = blocked_vsum(n, [&](int64_t j, int64_t c) {
     const Vec d = Vec::loadu(h + j) - vm;  // h has room for whole vectors (see scratch_len)
@@ -98,8 +99,8 @@ inline int64_t scratch_len(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 
 // pre_out (nullptr: not wanted) receives each row's pre-norm sum h, rounded to T
 template <typename T>
-void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, const float* w, const float* b,
-                double eps, T* out, float* mean_out, float* rstd_out, T* pre_out) {
+void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, const float* w, const float* b, double eps,
+                T* out, float* mean_out, float* rstd_out, T* pre_out) {
   const int64_t n = in.n;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -125,9 +126,9 @@ void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, con
 
 // Backward of one row. Pass 1 rebuilds h, forms xhat and wg (kept in scratch), the two row means and
 // the weight/bias column partials; pass 2 writes dL/dh (and its dropout-masked copy).
-inline void bwd_row(const Row& r, const float* __restrict g, int64_t n, const float* __restrict w, float mu,
-                    float rs, float* __restrict xh, float* __restrict wgs, float* __restrict gpre,
-                    float* __restrict gx, float* __restrict pw, float* __restrict pb, float* __restrict pxb) {
+inline void bwd_row(const Row& r, const float* __restrict g, int64_t n, const float* __restrict w, float mu, float rs,
+                    float* __restrict xh, float* __restrict wgs, float* __restrict gpre, float* __restrict gx,
+                    float* __restrict pw, float* __restrict pb, float* __restrict pxb) {
   const Vec vmu(mu), vrs(rs);
   double sums[2];
   blocked_vsums<2>(n, sums, [&](int64_t j, int64_t c, Vec* acc) {
@@ -215,8 +216,8 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
     check_cpu(op, "residual", *residual);
     FB_CHECK(residual->sizes() == x.sizes(), op, "residual must have x's shape ", x.sizes(), ", got ",
              residual->sizes());
-    FB_CHECK(residual->scalar_type() == x.scalar_type(), op, "residual must have x's dtype ", x.scalar_type(),
-             ", got ", residual->scalar_type());
+    FB_CHECK(residual->scalar_type() == x.scalar_type(), op, "residual must have x's dtype ", x.scalar_type(), ", got ",
+             residual->scalar_type());
     check_contiguous(op, "residual", *residual);
   }
 }
@@ -246,10 +247,12 @@ void fwd_into(const char* op, const at::Tensor& x, const at::Tensor& weight, con
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
-    double dropout_p, const c10::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& bias,
+                                                                  const c10::optional<at::Tensor>& residual,
+                                                                  const c10::optional<at::Tensor>& x_bias, double eps,
+                                                                  double dropout_p,
+                                                                  const c10::optional<at::Tensor>& seed) {
   at::Tensor out, mean, rstd;
   fwd_into(kFwd, x, weight, bias, residual, x_bias, eps, dropout_p, seed, out, mean, rstd, nullptr);
   return {out, mean, rstd};
@@ -257,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_pre(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
-    double dropout_p, const c10::optional<at::Tensor>& seed) {
+    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
   at::Tensor out, mean, rstd, pre;
   fwd_into(kFwdPre, x, weight, bias, residual, x_bias, eps, dropout_p, seed, out, mean, rstd, &pre);
   return {out, mean, rstd, pre};
@@ -270,10 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     const at::Tensor& rstd, double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_common(kBwd, x, weight, bias, residual, x_bias);
   check_cpu(kBwd, "grad_out", grad_out);
-  FB_CHECK(grad_out.sizes() == x.sizes(), kBwd, "grad_out must have x's shape ", x.sizes(), ", got ",
-           grad_out.sizes());
-  FB_CHECK(grad_out.scalar_type() == x.scalar_type(), kBwd, "grad_out must have x's dtype ", x.scalar_type(),
-           ", got ", grad_out.scalar_type());
+  FB_CHECK(grad_out.sizes() == x.sizes(), kBwd, "grad_out must have x's shape ", x.sizes(), ", got ", grad_out.sizes());
+  FB_CHECK(grad_out.scalar_type() == x.scalar_type(), kBwd, "grad_out must have x's dtype ", x.scalar_type(), ", got ",
+           grad_out.scalar_type());
   check_contiguous(kBwd, "grad_out", grad_out);
   const int64_t rows = x.size(0), n = x.size(1);
   for (auto* p : {&mean, &rstd}) {
@@ -297,10 +299,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     RowInputs in{n, xb.empty() ? nullptr : xb.data(), Dropout(dropout_p, s)};
     FB_DISPATCH(x.scalar_type(), kBwd, [&] {
       bwd_kernel<scalar_t>(in, rows, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                           has(residual) ? residual->data_ptr<scalar_t>() : nullptr, w.data(),
-                           mean.data_ptr<float>(), rstd.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
-                           drop ? grad_x.data_ptr<scalar_t>() : nullptr, part_w.get(), part_b.get(),
-                           part_xb.get(), block);
+                           has(residual) ? residual->data_ptr<scalar_t>() : nullptr, w.data(), mean.data_ptr<float>(),
+                           rstd.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
+                           drop ? grad_x.data_ptr<scalar_t>() : nullptr, part_w.get(), part_b.get(), part_xb.get(),
+                           block);
     });
   }
   std::vector<float> gw(n), gb(n), gxb(has(x_bias) ? n : 0);

@@ -29,9 +29,9 @@
 //   dQ_i = scale * sum_j dS_ij k_j,   dK_j = scale * sum_i dS_ij q_i
 // Five GEMMs, as in PyTorch's math backward. lse and out are accepted and checked (the shared schema)
 // but not read.
-#include "cpu/common.h"
-
 #include <algorithm>
+
+#include "cpu/common.h"
 
 namespace fastbert {
 namespace cpu {
@@ -92,12 +92,23 @@ void gemm_f32_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
   int64_t i = 0;
   for (; i + 6 <= M; i += 6) gemm_rows<6, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
   switch (M - i) {
-    case 5: gemm_rows<5, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
-    case 4: gemm_rows<4, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
-    case 3: gemm_rows<3, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
-    case 2: gemm_rows<2, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
-    case 1: gemm_rows<1, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate); break;
-    default: break;
+    case 5:
+      gemm_rows<5, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+      break;
+    case 4:
+      gemm_rows<4, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+      break;
+    case 3:
+      gemm_rows<3, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+      break;
+    case 2:
+      gemm_rows<2, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+      break;
+    case 1:
+      gemm_rows<1, TransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc, alpha, accumulate);
+      break;
+    default:
+      break;
   }
 }
 
@@ -129,11 +140,21 @@ inline void add_bias_typed(const B* p, int64_t stride, const int32_t* kidx, int6
 
 void add_bias_row(const at::Tensor& bias, const char* row, int64_t stride, const int32_t* kidx, int64_t n, float* dst) {
   switch (bias.scalar_type()) {
-    case at::kFloat: add_bias_typed(reinterpret_cast<const float*>(row), stride, kidx, n, dst); break;
-    case at::kDouble: add_bias_typed(reinterpret_cast<const double*>(row), stride, kidx, n, dst); break;
-    case at::kHalf: add_bias_typed(reinterpret_cast<const at::Half*>(row), stride, kidx, n, dst); break;
-    case at::kBFloat16: add_bias_typed(reinterpret_cast<const at::BFloat16*>(row), stride, kidx, n, dst); break;
-    default: TORCH_CHECK(false, ::fastbert::msg::cat("fastbert::attention: attn_bias dtype ", bias.scalar_type(), " is not supported"));
+    case at::kFloat:
+      add_bias_typed(reinterpret_cast<const float*>(row), stride, kidx, n, dst);
+      break;
+    case at::kDouble:
+      add_bias_typed(reinterpret_cast<const double*>(row), stride, kidx, n, dst);
+      break;
+    case at::kHalf:
+      add_bias_typed(reinterpret_cast<const at::Half*>(row), stride, kidx, n, dst);
+      break;
+    case at::kBFloat16:
+      add_bias_typed(reinterpret_cast<const at::BFloat16*>(row), stride, kidx, n, dst);
+      break;
+    default:
+      TORCH_CHECK(false, ::fastbert::msg::cat("fastbert::attention: attn_bias dtype ", bias.scalar_type(),
+                                              " is not supported"));
   }
 }
 
@@ -266,8 +287,8 @@ inline void transpose_8rows(const float* const* src, int64_t D, float* dst, int6
 // rows nk..nkp and columns D..Dp) and, when `transposed` is given, also as Kt [D][nkp] (the B operand of
 // the score GEMM, whose inner loop runs along keys).
 template <typename T>
-void load_keys(const Problem& P, const at::Tensor& t, int64_t b, int64_t start, int64_t h, const std::vector<int32_t>& kidx,
-               int64_t nkp, int64_t Dp, float* rows, float* transposed) {
+void load_keys(const Problem& P, const at::Tensor& t, int64_t b, int64_t start, int64_t h,
+               const std::vector<int32_t>& kidx, int64_t nkp, int64_t Dp, float* rows, float* transposed) {
   const int64_t D = P.D, nk = static_cast<int64_t>(kidx.size());
   const T* base = t.data_ptr<T>();
   for (int64_t c = 0; c < nk; ++c) {
@@ -451,8 +472,8 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
         const Vec vd(static_cast<float>(delta));
         for (int64_t c = 0; c < w; c += kVec) {
           const Vec pv = Vec::loadu(p + c);
-          (pv * (Vec::loadu(dp + c) - vd)).store(dp + c);                   // dp now holds dS
-          if (zr != nullptr) (pv * Vec::loadu(zr + c)).store(p + c);         // p now holds z * P (for dV)
+          (pv * (Vec::loadu(dp + c) - vd)).store(dp + c);             // dp now holds dS
+          if (zr != nullptr) (pv * Vec::loadu(zr + c)).store(p + c);  // p now holds z * P (for dV)
         }
       }
     }
@@ -514,13 +535,15 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, c
     FB_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 && cu.is_contiguous(), op,
              "cu_seqlens must be a contiguous int32 tensor of shape [B + 1], got ", cu.scalar_type(), " ", cu.sizes());
     FB_CHECK(k.size(0) == q.size(0), op, "k must have q's number of packed tokens ", q.size(0), ", got ", k.size(0));
-    FB_CHECK(!has(key_padding_mask), op, "key_padding_mask is not accepted with cu_seqlens (packed inputs have no padding)");
+    FB_CHECK(!has(key_padding_mask), op,
+             "key_padding_mask is not accepted with cu_seqlens (packed inputs have no padding)");
     FB_CHECK(!has(attn_bias), op, "attn_bias is not accepted with cu_seqlens");
     P.B = cu.numel() - 1;
     P.cu = cu.data_ptr<int32_t>();
     const int64_t total = q.size(0);
-    FB_CHECK(P.cu[0] == 0 && P.cu[P.B] == total, op, "cu_seqlens must start at 0 and end at the number of packed tokens ",
-             total, ", got ", P.cu[0], " ... ", P.cu[P.B]);
+    FB_CHECK(P.cu[0] == 0 && P.cu[P.B] == total, op,
+             "cu_seqlens must start at 0 and end at the number of packed tokens ", total, ", got ", P.cu[0], " ... ",
+             P.cu[P.B]);
     int64_t longest = 0;
     for (int64_t b = 0; b < P.B; ++b) {
       FB_CHECK(P.cu[b + 1] >= P.cu[b], op, "cu_seqlens must be non-decreasing");
@@ -554,8 +577,8 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, c
       std::vector<int64_t> full{P.B, P.H, P.Sq, P.Sk};
       for (int64_t d = 0; d < a.dim(); ++d) {
         const int64_t s = a.size(a.dim() - 1 - d), want = full[3 - d];
-        FB_CHECK(s == want || s == 1, op, "attn_bias of shape ", a.sizes(), " does not broadcast to [B, H, Sq, Sk] = ",
-                 at::IntArrayRef(full));
+        FB_CHECK(s == want || s == 1, op, "attn_bias of shape ", a.sizes(),
+                 " does not broadcast to [B, H, Sq, Sk] = ", at::IntArrayRef(full));
       }
       P.bias = a.expand(full);  // a stride-0 view where broadcast: nothing is materialized
     }
@@ -572,8 +595,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                                  bool causal, double scale, double dropout_p,
                                                  const c10::optional<at::Tensor>& seed) {
-  Problem P = make_problem(kFwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
-                           dropout_p, seed);
+  Problem P =
+      make_problem(kFwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed);
   at::Tensor out = new_output(q.sizes(), q.scalar_type());
   at::Tensor lse = P.packed ? new_output({P.H, q.size(0)}, at::kFloat) : new_output({P.B, P.H, P.Sq}, at::kFloat);
   if (q.numel() == 0) return {out, lse};
@@ -588,11 +611,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& attn_bias,
-    const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool causal, double scale, double dropout_p,
-    const c10::optional<at::Tensor>& seed) {
-  Problem P = make_problem(kBwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
-                           dropout_p, seed);
+    const at::Tensor& lse, const c10::optional<at::Tensor>& key_padding_mask,
+    const c10::optional<at::Tensor>& attn_bias, const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+    bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  Problem P =
+      make_problem(kBwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed);
   for (const auto& pr : {std::make_pair("grad_out", &grad_out), std::make_pair("out", &out)}) {
     const at::Tensor& t = *pr.second;
     check_cpu(kBwd, pr.first, t);
@@ -603,8 +626,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
              t.strides());
   }
   check_cpu(kBwd, "lse", lse);
-  const std::vector<int64_t> lse_shape = P.packed ? std::vector<int64_t>{P.H, q.size(0)}
-                                                  : std::vector<int64_t>{P.B, P.H, P.Sq};
+  const std::vector<int64_t> lse_shape =
+      P.packed ? std::vector<int64_t>{P.H, q.size(0)} : std::vector<int64_t>{P.B, P.H, P.Sq};
   FB_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(lse_shape) && lse.is_contiguous(), kBwd,
            "lse must be a contiguous float32 tensor of shape ", at::IntArrayRef(lse_shape), ", got ", lse.scalar_type(),
            " ", lse.sizes());

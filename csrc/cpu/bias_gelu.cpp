@@ -31,7 +31,7 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& b
   const std::vector<float> b = vector_f32(bias);
   FB_DISPATCH(x.scalar_type(), kBgFwd, [&] {
     run_gelu<scalar_t, scalar_t>(tanh, x.data_ptr<scalar_t>(), b.empty() ? nullptr : b.data(), rows, n,
-                       out.data_ptr<scalar_t>(), nullptr);
+                                 out.data_ptr<scalar_t>(), nullptr);
   });
   return out;
 }
@@ -53,8 +53,8 @@ at::Tensor bias_gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x, const 
   const std::vector<float> b = vector_f32(bias);
   FB_DISPATCH(x.scalar_type(), kBgBwd, [&] {
     run_gelu_grad<scalar_t, scalar_t>(tanh, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                            b.empty() ? nullptr : b.data(), rows, n, grad_x.data_ptr<scalar_t>(), nullptr,
-                            reduce_block_rows(rows));
+                                      b.empty() ? nullptr : b.data(), rows, n, grad_x.data_ptr<scalar_t>(), nullptr,
+                                      reduce_block_rows(rows));
   });
   return grad_x;
 }

@@ -16,8 +16,6 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
-#include "message.h"
-
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -25,6 +23,8 @@
 #include <limits>
 #include <memory>
 #include <string>
+
+#include "message.h"
 
 namespace fastbert {
 namespace cpu {
@@ -36,10 +36,10 @@ constexpr int64_t kVec = Vec::size();
 // argument checks: every message names the argument, so a failing call says what to fix
 // ---------------------------------------------------------------------------------------------
 // The kernel dtypes only (no double: the kernels are not instantiated for it).
-#define FB_DISPATCH(st, name, ...)                                                        \
-  AT_DISPATCH_SWITCH(st, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                                   AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
-                                       AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define FB_DISPATCH(st, name, ...)                                                                      \
+  AT_DISPATCH_SWITCH(st, name,                                                                          \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // the message is built by fastbert::msg::cat (csrc/message.h), never by TORCH_CHECK's ostream
 #define FB_CHECK(cond, op, ...) TORCH_CHECK(cond, ::fastbert::msg::cat("fastbert::", op, ": ", __VA_ARGS__))
@@ -170,18 +170,15 @@ inline std::vector<float> vector_f32(const c10::optional<at::Tensor>& t) {
   if (!has(t)) return out;
   at::Tensor c = t->contiguous();
   out.resize(c.numel());
-  FB_DISPATCH(c.scalar_type(), "vector_f32", [&] {
-    to_f32(c.data_ptr<scalar_t>(), out.data(), c.numel());
-  });
+  FB_DISPATCH(c.scalar_type(), "vector_f32", [&] { to_f32(c.data_ptr<scalar_t>(), out.data(), c.numel()); });
   return out;
 }
 
 // fp32 accumulators -> a tensor of `dtype` (the dtype of the parameter the gradient belongs to)
 inline at::Tensor tensor_from_f32(const std::vector<float>& v, at::IntArrayRef sizes, at::ScalarType dtype) {
   at::Tensor t = new_output(sizes, dtype);
-  FB_DISPATCH(dtype, "tensor_from_f32", [&] {
-    from_f32(v.data(), t.data_ptr<scalar_t>(), static_cast<int64_t>(v.size()));
-  });
+  FB_DISPATCH(dtype, "tensor_from_f32",
+              [&] { from_f32(v.data(), t.data_ptr<scalar_t>(), static_cast<int64_t>(v.size())); });
   return t;
 }
 
@@ -337,7 +334,7 @@ inline Vec gelu_cdf(Vec v, Vec* e_out) {
   poly = at::vec::fmadd(poly, t, Vec(-0.284496736f));
   poly = at::vec::fmadd(poly, t, Vec(0.254829592f));
   const Vec e = exp_fast(Vec(-0.5f) * v * v);  // exp(-x^2)
-  const Vec erf_abs = one - poly * t * e;        // erf(|v| / sqrt 2)
+  const Vec erf_abs = one - poly * t * e;      // erf(|v| / sqrt 2)
   const Vec erf = Vec::blendv(erf_abs, Vec(0.f) - erf_abs, v < Vec(0.f));
   *e_out = e;
   return Vec(0.5f) * (one + erf);
@@ -363,8 +360,8 @@ inline Vec gelu_tanh_grad(Vec v) {
 }
 
 inline bool parse_approximate(const char* op, c10::string_view approximate) {
-  FB_CHECK(approximate == "none" || approximate == "tanh", op,
-           "approximate must be 'none' or 'tanh', got '", std::string(approximate), "'");
+  FB_CHECK(approximate == "none" || approximate == "tanh", op, "approximate must be 'none' or 'tanh', got '",
+           std::string(approximate), "'");
   return approximate == "tanh";
 }
 

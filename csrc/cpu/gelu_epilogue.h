@@ -2,9 +2,9 @@
 // (formulas: see common.h), one rounding on the way out. Templates and inline functions only.
 #pragma once
 
-#include "cpu/common.h"
-
 #include <type_traits>
+
+#include "cpu/common.h"
 
 namespace fastbert {
 namespace cpu {
@@ -75,8 +75,8 @@ inline void gelu_rows(const TI* in, const float* bias, int64_t rows, int64_t n, 
 
 // grad_in = g * gelu'(in + bias); part (optional) receives fp32 column sums of grad_in per row block.
 template <typename TI, typename TO, bool kTanh>
-inline void gelu_grad_rows(const TI* g, const TI* in, const float* bias, int64_t rows, int64_t n, TO* grad_in, float* part,
-                    int64_t block) {
+inline void gelu_grad_rows(const TI* g, const TI* in, const float* bias, int64_t rows, int64_t n, TO* grad_in,
+                           float* part, int64_t block) {
   const int64_t nblk = (rows + block - 1) / block;
   constexpr bool kF32 = std::is_same<TI, float>::value && std::is_same<TO, float>::value;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -139,7 +139,7 @@ inline void run_gelu(bool tanh, const TI* in, const float* bias, int64_t rows, i
 
 template <typename TI, typename TO>
 inline void run_gelu_grad(bool tanh, const TI* g, const TI* in, const float* bias, int64_t rows, int64_t n, TO* grad_in,
-                   float* part, int64_t block) {
+                          float* part, int64_t block) {
   if (tanh)
     gelu_grad_rows<TI, TO, true>(g, in, bias, rows, n, grad_in, part, block);
   else

@@ -4,10 +4,10 @@
 // computes grad_pre = g * gelu'(pre) and the bias gradient's fp32 column partials together, then two
 // ATen GEMMs: grad_x = grad_pre @ W, grad_weight = grad_pre^T @ x. All arithmetic in fp32; one rounding
 // on the way out.
-#include "cpu/gelu_epilogue.h"
-
 #include <ATen/ops/mm.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include "cpu/gelu_epilogue.h"
 
 namespace fastbert {
 namespace cpu {
@@ -36,7 +36,8 @@ bool native_16bit_gemm(at::ScalarType st) {
 
 inline bool gemm_in_f32(at::ScalarType st) { return st != at::kFloat && !native_16bit_gemm(st); }
 
-void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias) {
   check_cpu(op, "x", x);
   check_kernel_dtype(op, "x", x);
   check_dim(op, "x", x, 2);
@@ -108,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see linear_gelu_fwd
   const int64_t m = x.size(0), n = weight.size(0), k = x.size(1);
   check_cpu(kLgBwd, "grad_out", grad_out);
-  FB_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kLgBwd,
-           "grad_out must have shape [", m, ", ", n, "], got ", grad_out.sizes());
+  FB_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kLgBwd, "grad_out must have shape [",
+           m, ", ", n, "], got ", grad_out.sizes());
   FB_CHECK(grad_out.scalar_type() == x.scalar_type(), kLgBwd, "grad_out must have x's dtype ", x.scalar_type(),
            ", got ", grad_out.scalar_type());
   check_cpu(kLgBwd, "pre", pre);
@@ -127,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
   if (m == 0 || n == 0) {
     if (grad_x.numel() > 0) grad_x.zero_();
     if (grad_w.numel() > 0) grad_w.zero_();
-    at::Tensor gb = has(bias) ? tensor_from_f32(std::vector<float>(n, 0.f), {n}, bias_dtype) : no_output(x.scalar_type());
+    at::Tensor gb =
+        has(bias) ? tensor_from_f32(std::vector<float>(n, 0.f), {n}, bias_dtype) : no_output(x.scalar_type());
     return {grad_x, grad_w, gb};
   }
   // pre-activation: saved (bias included), or x @ W^T with the bias added inside the gelu' pass

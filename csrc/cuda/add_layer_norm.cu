@@ -82,16 +82,16 @@ __device__ __forceinline__ void load_pre(const T* x, const T* residual, const fl
 
 template <typename T, int VEC, int MAXV, int G>
 __global__ void __launch_bounds__(G < kMinBlock ? kMinBlock : G)
-add_layer_norm_fwd_kernel(const T* __restrict__ x,           // [rows, n]
-                          const T* __restrict__ residual,    // [rows, n] or nullptr
-                          const float* __restrict__ x_bias,  // [n] or nullptr
-                          const float* __restrict__ weight,  // [n]
-                          const float* __restrict__ bias,    // [n] or nullptr
-                          T* __restrict__ out,               // [rows, n]
-                          float* __restrict__ mean_out,      // [rows]
-                          float* __restrict__ rstd_out,      // [rows]
-                          int64_t rows, int64_t n, float eps,
-                          float inv_keep, uint32_t threshold, const int64_t* __restrict__ seed_ptr) {
+    add_layer_norm_fwd_kernel(const T* __restrict__ x,           // [rows, n]
+                              const T* __restrict__ residual,    // [rows, n] or nullptr
+                              const float* __restrict__ x_bias,  // [n] or nullptr
+                              const float* __restrict__ weight,  // [n]
+                              const float* __restrict__ bias,    // [n] or nullptr
+                              T* __restrict__ out,               // [rows, n]
+                              float* __restrict__ mean_out,      // [rows]
+                              float* __restrict__ rstd_out,      // [rows]
+                              int64_t rows, int64_t n, float eps, float inv_keep, uint32_t threshold,
+                              const int64_t* __restrict__ seed_ptr) {
   constexpr int GPB = (G < kMinBlock ? kMinBlock : G) / G;  // row groups per block
   __shared__ float red[(G < kMinBlock ? kMinBlock : G) / 32];
   const int group = threadIdx.x / G, lane = threadIdx.x % G;
@@ -100,7 +100,8 @@ add_layer_norm_fwd_kernel(const T* __restrict__ x,           // [rows, n]
   const uint64_t seed = dropout ? static_cast<uint64_t>(*seed_ptr) : 0ull;
   const float inv_n = 1.0f / static_cast<float>(n);
 
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * GPB; base < rows; base += static_cast<int64_t>(gridDim.x) * GPB) {
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * GPB; base < rows;
+       base += static_cast<int64_t>(gridDim.x) * GPB) {
     const int64_t row = base + group;
     const bool active = row < rows;
     float h[MAXV][VEC];
@@ -162,18 +163,18 @@ add_layer_norm_fwd_kernel(const T* __restrict__ x,           // [rows, n]
 // group, so the row loop needs no barrier for them; registers stay free for the row itself.
 template <typename T, int VEC, int MAXV, int G>
 __global__ void __launch_bounds__(G < kMinBlock ? kMinBlock : G)
-add_layer_norm_bwd_kernel(const T* __restrict__ grad_out,    // [rows, n]
-                          const T* __restrict__ x,           // [rows, n]
-                          const T* __restrict__ residual,    // [rows, n] or nullptr
-                          const float* __restrict__ x_bias,  // [n] or nullptr
-                          const float* __restrict__ weight,  // [n]
-                          const float* __restrict__ mean_in, // [rows]
-                          const float* __restrict__ rstd_in, // [rows]
-                          T* __restrict__ grad_pre,          // [rows, n]
-                          T* __restrict__ grad_x,            // [rows, n] or nullptr (no dropout)
-                          float* __restrict__ workspace,     // [gridDim.x, 3, n]
-                          int64_t rows, int64_t n, float inv_keep, uint32_t threshold,
-                          const int64_t* __restrict__ seed_ptr) {
+    add_layer_norm_bwd_kernel(const T* __restrict__ grad_out,     // [rows, n]
+                              const T* __restrict__ x,            // [rows, n]
+                              const T* __restrict__ residual,     // [rows, n] or nullptr
+                              const float* __restrict__ x_bias,   // [n] or nullptr
+                              const float* __restrict__ weight,   // [n]
+                              const float* __restrict__ mean_in,  // [rows]
+                              const float* __restrict__ rstd_in,  // [rows]
+                              T* __restrict__ grad_pre,           // [rows, n]
+                              T* __restrict__ grad_x,             // [rows, n] or nullptr (no dropout)
+                              float* __restrict__ workspace,      // [gridDim.x, 3, n]
+                              int64_t rows, int64_t n, float inv_keep, uint32_t threshold,
+                              const int64_t* __restrict__ seed_ptr) {
   constexpr int BLOCK = G < kMinBlock ? kMinBlock : G;
   constexpr int GPB = BLOCK / G;
   __shared__ float red[BLOCK / 32];
@@ -188,7 +189,8 @@ add_layer_norm_bwd_kernel(const T* __restrict__ grad_out,    // [rows, n]
   for (int64_t c = threadIdx.x; c < GPB * 3 * n; c += BLOCK) acc[c] = 0.f;
   __syncthreads();
 
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * GPB; base < rows; base += static_cast<int64_t>(gridDim.x) * GPB) {
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * GPB; base < rows;
+       base += static_cast<int64_t>(gridDim.x) * GPB) {
     const int64_t row = base + group;
     const bool active = row < rows;
     const float mean = active ? mean_in[row] : 0.f;
@@ -258,12 +260,12 @@ add_layer_norm_bwd_kernel(const T* __restrict__ grad_out,    // [rows, n]
 // a column, threadIdx.y a slice of the workspace rows (b = y, y + 8, ...); the 8 slice sums are then
 // added in slice order, so the result does not depend on scheduling.
 constexpr int kSumCols = 32, kSumSlices = 8;
-__global__ void __launch_bounds__(kSumCols * kSumSlices)
-column_sum_kernel(const float* __restrict__ workspace,  // [nblocks, 3, n]
-                  int nblocks, int64_t n,
-                  float* __restrict__ grad_weight,      // [n]
-                  float* __restrict__ grad_bias,        // [n] or nullptr
-                  float* __restrict__ grad_x_bias) {    // [n] or nullptr
+__global__ void __launch_bounds__(kSumCols* kSumSlices)
+    column_sum_kernel(const float* __restrict__ workspace,  // [nblocks, 3, n]
+                      int nblocks, int64_t n,
+                      float* __restrict__ grad_weight,    // [n]
+                      float* __restrict__ grad_bias,      // [n] or nullptr
+                      float* __restrict__ grad_x_bias) {  // [n] or nullptr
   __shared__ float part[3][kSumSlices][kSumCols];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   float s0 = 0.f, s1 = 0.f, s2 = 0.f;
@@ -298,7 +300,9 @@ column_sum_kernel(const float* __restrict__ workspace,  // [nblocks, 3, n]
 // ------------------------------------------------------------------------------------------------
 // MAXV: vectors per thread. 128-bit path: 2 (<= 16 values); scalar path: 8. Then G covers the row.
 template <int VEC>
-constexpr int maxv_for() { return VEC > 1 ? 2 : 8; }
+constexpr int maxv_for() {
+  return VEC > 1 ? 2 : 8;
+}
 
 inline int group_size(int64_t nvec, int maxv) {
   int g = 32;
@@ -364,15 +368,15 @@ cudaError_t bwd_launch(const Common& c, const void* grad_out, const float* mean,
     }
     kernel<<<static_cast<unsigned>(grid), BLOCK, smem, stream>>>(
         static_cast<const T*>(grad_out), static_cast<const T*>(c.x), static_cast<const T*>(c.residual), c.x_bias,
-        c.weight, mean, rstd, static_cast<T*>(grad_pre), static_cast<T*>(grad_x), workspace, c.rows, c.n,
-        c.inv_keep, c.threshold, c.seed);
+        c.weight, mean, rstd, static_cast<T*>(grad_pre), static_cast<T*>(grad_x), workspace, c.rows, c.n, c.inv_keep,
+        c.threshold, c.seed);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
   // grid == 0 (no rows): the column sums are zeros
   const int64_t cblocks = (c.n + kSumCols - 1) / kSumCols;
-  column_sum_kernel<<<static_cast<unsigned>(cblocks), dim3(kSumCols, kSumSlices), 0, stream>>>(workspace, static_cast<int>(grid), c.n,
-                                                                        grad_weight, grad_bias, grad_x_bias);
+  column_sum_kernel<<<static_cast<unsigned>(cblocks), dim3(kSumCols, kSumSlices), 0, stream>>>(
+      workspace, static_cast<int>(grid), c.n, grad_weight, grad_bias, grad_x_bias);
   return cudaGetLastError();
 }
 
@@ -381,12 +385,18 @@ cudaError_t bwd_launch(const Common& c, const void* grad_out, const float* mean,
 template <int MAXG, typename F>
 cudaError_t with_group(int g, F&& f) {
   switch (g) {
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    case 256: return f(std::integral_constant<int, 256>{});
-    case 512: return f(std::integral_constant<int, 512>{});
-    default: return f(std::integral_constant<int, MAXG>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    case 256:
+      return f(std::integral_constant<int, 256>{});
+    case 512:
+      return f(std::integral_constant<int, 512>{});
+    default:
+      return f(std::integral_constant<int, MAXG>{});
   }
 }
 
@@ -412,10 +422,12 @@ cudaError_t fwd_typed(const Common& c, const float* bias, void* out, float* mean
   constexpr int kVec = 16 / sizeof(T);
   if (can_vectorize<T>(c.n, {c.x, c.residual, out}, {})) {
     const int g = group_size(c.n / kVec, maxv_for<kVec>());
-    return with_group<max_group_vec<kVec>()>(g, [&](auto G) { return fwd_launch<T, kVec, decltype(G)::value>(c, bias, out, mean, rstd, eps, stream); });
+    return with_group<max_group_vec<kVec>()>(
+        g, [&](auto G) { return fwd_launch<T, kVec, decltype(G)::value>(c, bias, out, mean, rstd, eps, stream); });
   }
   const int g = group_size(c.n, maxv_for<1>());
-  return with_group<1024>(g, [&](auto G) { return fwd_launch<T, 1, decltype(G)::value>(c, bias, out, mean, rstd, eps, stream); });
+  return with_group<1024>(
+      g, [&](auto G) { return fwd_launch<T, 1, decltype(G)::value>(c, bias, out, mean, rstd, eps, stream); });
 }
 
 template <typename T>
@@ -426,8 +438,8 @@ cudaError_t bwd_typed(const Common& c, const void* grad_out, const float* mean, 
   if (can_vectorize<T>(c.n, {c.x, c.residual, grad_out, grad_pre, grad_x}, {})) {
     const int g = group_size(c.n / kVec, maxv_for<kVec>());
     return with_group<max_group_vec<kVec>()>(g, [&](auto G) {
-      return bwd_launch<T, kVec, decltype(G)::value>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight,
-                                                     grad_bias, grad_x_bias, workspace, sm_count, stream);
+      return bwd_launch<T, kVec, decltype(G)::value>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias,
+                                                     grad_x_bias, workspace, sm_count, stream);
     });
   }
   const int g = group_size(c.n, maxv_for<1>());
@@ -463,9 +475,12 @@ cudaError_t add_layer_norm_fwd(DType dtype, const void* x, const void* residual,
   if (n > kMaxLayerNormHidden) return cudaErrorInvalidValue;
   const Common c = make_common(x, residual, x_bias, weight, rows, n, dropout_p, seed);
   switch (dtype) {
-    case DType::kFloat16: return fwd_typed<__half>(c, bias, out, mean, rstd, eps, stream);
-    case DType::kBFloat16: return fwd_typed<__nv_bfloat16>(c, bias, out, mean, rstd, eps, stream);
-    default: return fwd_typed<float>(c, bias, out, mean, rstd, eps, stream);
+    case DType::kFloat16:
+      return fwd_typed<__half>(c, bias, out, mean, rstd, eps, stream);
+    case DType::kBFloat16:
+      return fwd_typed<__nv_bfloat16>(c, bias, out, mean, rstd, eps, stream);
+    default:
+      return fwd_typed<float>(c, bias, out, mean, rstd, eps, stream);
   }
 }
 
@@ -475,9 +490,9 @@ int64_t add_layer_norm_bwd_workspace_bytes(int64_t rows, int64_t n, int device_s
 
 cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* x, const void* residual,
                                const float* x_bias, const float* weight, const float* mean, const float* rstd,
-                               void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias,
-                               float* grad_x_bias, int64_t rows, int64_t n, double dropout_p, const int64_t* seed,
-                               float* workspace, int device_sm_count, cudaStream_t stream) {
+                               void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias, float* grad_x_bias,
+                               int64_t rows, int64_t n, double dropout_p, const int64_t* seed, float* workspace,
+                               int device_sm_count, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (n > kMaxLayerNormHidden) return cudaErrorInvalidValue;
   if (rows < 0) return cudaErrorInvalidValue;
@@ -488,11 +503,11 @@ cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* x,
       return bwd_typed<__half>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias, grad_x_bias,
                                workspace, device_sm_count, stream);
     case DType::kBFloat16:
-      return bwd_typed<__nv_bfloat16>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias,
-                                      grad_x_bias, workspace, device_sm_count, stream);
+      return bwd_typed<__nv_bfloat16>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias, grad_x_bias,
+                                      workspace, device_sm_count, stream);
     default:
-      return bwd_typed<float>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias, grad_x_bias,
-                              workspace, device_sm_count, stream);
+      return bwd_typed<float>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias, grad_x_bias, workspace,
+                              device_sm_count, stream);
   }
 }
 

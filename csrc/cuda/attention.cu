@@ -52,9 +52,13 @@ constexpr bool kTensorCores = !std::is_same<T, float>::value;
 // ldm % 8 == 0, 128-bit stores) and staggers banks. fp32 (CUDA-core path): +1 makes the column walks of
 // the dot products conflict-free. fp32 accumulators of the WMMA path: +4 (ldm % 4 == 0).
 template <typename T>
-constexpr int pad_in() { return kTensorCores<T> ? 8 : 1; }
+constexpr int pad_in() {
+  return kTensorCores<T> ? 8 : 1;
+}
 template <typename T>
-constexpr int pad_acc() { return kTensorCores<T> ? 4 : 1; }
+constexpr int pad_acc() {
+  return kTensorCores<T> ? 4 : 1;
+}
 
 constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
 
@@ -62,9 +66,9 @@ constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
 // per-sequence bounds
 // ------------------------------------------------------------------------------------------------
 struct Seq {
-  int start;   // first row of the sequence in the packed layout (0 when padded)
-  int len_q;   // queries of this sequence
-  int len_k;   // keys of this sequence
+  int start;  // first row of the sequence in the packed layout (0 when padded)
+  int len_q;  // queries of this sequence
+  int len_k;  // keys of this sequence
 };
 
 __device__ __forceinline__ Seq seq_bounds(const AttentionParams& p, int b) {
@@ -89,8 +93,8 @@ __device__ __forceinline__ T* row_ptr(const AttnOutTensor& t, int b, int64_t row
 // global -> shared: ROWS rows of D (<= DP) elements, rows >= valid and columns >= d zero-filled
 // ------------------------------------------------------------------------------------------------
 template <typename T, int DP, int LD, int ROWS>
-__device__ __forceinline__ void load_rows(T* __restrict__ sm, const T* __restrict__ g, int64_t stride, int valid,
-                                          int d, bool vec) {
+__device__ __forceinline__ void load_rows(T* __restrict__ sm, const T* __restrict__ g, int64_t stride, int valid, int d,
+                                          bool vec) {
   constexpr int VEC = 16 / sizeof(T);
   const T zero = from_float<T>(0.f);
   if (vec) {  // d % VEC == 0, g and stride 16-byte aligned (checked by the launcher)
@@ -255,8 +259,9 @@ __device__ __forceinline__ Dropout make_dropout(const AttentionParams& p, uint32
 
 __device__ __forceinline__ bool keep_score(const Dropout& dr, const AttentionParams& p, int b, int h, int i, int j) {
   if (!dr.on) return true;
-  const uint64_t off =
-      ((static_cast<uint64_t>(b) * p.heads + h) * static_cast<uint64_t>(p.seqlen_q) + i) * static_cast<uint64_t>(p.seqlen_k) + j;
+  const uint64_t off = ((static_cast<uint64_t>(b) * p.heads + h) * static_cast<uint64_t>(p.seqlen_q) + i) *
+                           static_cast<uint64_t>(p.seqlen_k) +
+                       j;
   return dropout_keep(dr.seed, off, dr.threshold);
 }
 
@@ -266,8 +271,8 @@ __device__ __forceinline__ float score(const AttentionParams& p, float dot, int 
   if (!kvalid || (p.causal && j > i)) return -INFINITY;
   float s = dot * p.scale;
   if (p.bias != nullptr) {
-    const float bv = load_as_float(p.bias, p.bias_dtype,
-                                   b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_i + j * p.bias_stride_j);
+    const float bv = load_as_float(
+        p.bias, p.bias_dtype, b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_i + j * p.bias_stride_j);
     if (!(bv >= kBiasMasked)) return -INFINITY;  // below -1e20 or -inf (a NaN bias masks too)
     s += bv;
   }
@@ -336,11 +341,11 @@ struct BwdLayout {
 // ------------------------------------------------------------------------------------------------
 template <typename T, int DP, int BM, int BN>
 __global__ void __launch_bounds__(kThreads)
-attention_fwd_kernel(const AttentionParams p,
-                     const AttnTensor q, const AttnTensor k, const AttnTensor v,  // [B,S,H,D] / [total,H,D]
-                     const AttnOutTensor out,                                     // q's layout
-                     float* __restrict__ lse,                                     // [B,H,Sq] / [H,total]
-                     bool vec, uint32_t threshold, float inv_keep) {
+    attention_fwd_kernel(const AttentionParams p, const AttnTensor q, const AttnTensor k,
+                         const AttnTensor v,       // [B,S,H,D] / [total,H,D]
+                         const AttnOutTensor out,  // q's layout
+                         float* __restrict__ lse,  // [B,H,Sq] / [H,total]
+                         bool vec, uint32_t threshold, float inv_keep) {
   using L = FwdLayout<T, DP, BM, BN>;
   using PT = typename std::conditional<kTensorCores<T>, T, float>::type;
   constexpr int RPW = BM / kWarps;  // softmax rows per warp
@@ -438,8 +443,8 @@ attention_fwd_kernel(const AttentionParams p,
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-attention_delta_kernel(const AttentionParams p, const AttnTensor grad_out, const AttnTensor out,
-                       float* __restrict__ delta) {  // lse's layout
+    attention_delta_kernel(const AttentionParams p, const AttnTensor grad_out, const AttnTensor out,
+                           float* __restrict__ delta) {  // lse's layout
   const int b = blockIdx.z, h = blockIdx.y;
   const Seq sq = seq_bounds(p, b);
   const int i = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -456,9 +461,9 @@ attention_delta_kernel(const AttentionParams p, const AttnTensor grad_out, const
 // In: Ss (raw q.k), dPs (raw dO.v), lse/delta per row, key validity. Out: ZP (Z*P) and dS in the P_T
 // buffers (on CUDA cores they overwrite Ss / dPs: the same thread reads then writes each element).
 template <typename PT, int BM, int BN, int LDS, int LDP>
-__device__ __forceinline__ void bwd_scores(const AttentionParams& p, const Dropout& dr, float* Ss, float* dPs,
-                                           PT* ZPs, PT* dSs, const float* lse_s, const float* delta_s,
-                                           const bool* kv, int b, int h, int m0, int n0, int len_q) {
+__device__ __forceinline__ void bwd_scores(const AttentionParams& p, const Dropout& dr, float* Ss, float* dPs, PT* ZPs,
+                                           PT* dSs, const float* lse_s, const float* delta_s, const bool* kv, int b,
+                                           int h, int m0, int n0, int len_q) {
   for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
     const int r = e / BN, c = e % BN, i = m0 + r, j = n0 + c;
     const float s = i < len_q ? score(p, Ss[r * LDS + c], b, h, i, j, kv[c]) : -INFINITY;
@@ -474,9 +479,8 @@ __device__ __forceinline__ void bwd_scores(const AttentionParams& p, const Dropo
 
 // Per-row lse and delta of the query tile at m0 into shared memory (+inf / 0 beyond the sequence).
 template <int BM>
-__device__ __forceinline__ void load_row_stats(float* lse_s, float* delta_s, const AttentionParams& p,
-                                               const float* lse, const float* delta, int b, int h, int m0,
-                                               const Seq& sq) {
+__device__ __forceinline__ void load_row_stats(float* lse_s, float* delta_s, const AttentionParams& p, const float* lse,
+                                               const float* delta, int b, int h, int m0, const Seq& sq) {
   for (int r = threadIdx.x; r < BM; r += kThreads) {
     const int i = m0 + r;
     const int64_t at = b * p.lse_stride_b + h * p.lse_stride_h + sq.start + i;
@@ -488,10 +492,10 @@ __device__ __forceinline__ void load_row_stats(float* lse_s, float* delta_s, con
 // dK, dV for one key tile: loop over the query tiles that can see it.
 template <typename T, int DP, int BM, int BN>
 __global__ void __launch_bounds__(kThreads)
-attention_bwd_dkdv_kernel(const AttentionParams p, const AttnTensor grad_out, const AttnTensor q,
-                          const AttnTensor k, const AttnTensor v, const float* __restrict__ lse,
-                          const float* __restrict__ delta, const AttnOutTensor grad_k, const AttnOutTensor grad_v,
-                          bool vec, uint32_t threshold, float inv_keep) {
+    attention_bwd_dkdv_kernel(const AttentionParams p, const AttnTensor grad_out, const AttnTensor q,
+                              const AttnTensor k, const AttnTensor v, const float* __restrict__ lse,
+                              const float* __restrict__ delta, const AttnOutTensor grad_k, const AttnOutTensor grad_v,
+                              bool vec, uint32_t threshold, float inv_keep) {
   using L = BwdLayout<T, DP, BM, BN>;
   using PT = typename std::conditional<kTensorCores<T>, T, float>::type;
   constexpr int LDPP = kTensorCores<T> ? L::LDP : L::LDS;
@@ -553,10 +557,9 @@ attention_bwd_dkdv_kernel(const AttentionParams p, const AttnTensor grad_out, co
 // dQ for one query tile: loop over the key tiles it can see.
 template <typename T, int DP, int BM, int BN>
 __global__ void __launch_bounds__(kThreads)
-attention_bwd_dq_kernel(const AttentionParams p, const AttnTensor grad_out, const AttnTensor q,
-                        const AttnTensor k, const AttnTensor v, const float* __restrict__ lse,
-                        const float* __restrict__ delta, const AttnOutTensor grad_q, bool vec, uint32_t threshold,
-                        float inv_keep) {
+    attention_bwd_dq_kernel(const AttentionParams p, const AttnTensor grad_out, const AttnTensor q, const AttnTensor k,
+                            const AttnTensor v, const float* __restrict__ lse, const float* __restrict__ delta,
+                            const AttnOutTensor grad_q, bool vec, uint32_t threshold, float inv_keep) {
   using L = BwdLayout<T, DP, BM, BN>;
   using PT = typename std::conditional<kTensorCores<T>, T, float>::type;
   constexpr int LDPP = kTensorCores<T> ? L::LDP : L::LDS;
@@ -645,8 +648,8 @@ AttentionParams normalize(AttentionParams p) {
 }
 
 template <typename T, int DP>
-cudaError_t fwd_typed(const AttentionParams& p, AttnTensor q, AttnTensor k, AttnTensor v, AttnOutTensor out,
-                      float* lse, cudaStream_t stream) {
+cudaError_t fwd_typed(const AttentionParams& p, AttnTensor q, AttnTensor k, AttnTensor v, AttnOutTensor out, float* lse,
+                      cudaStream_t stream) {
   using C = Cfg<T, DP>;
   using L = FwdLayout<T, DP, C::FWD_BM, C::FWD_BN>;
   constexpr int VEC = 16 / sizeof(T);
@@ -676,8 +679,8 @@ cudaError_t bwd_typed(const AttentionParams& p, AttnTensor grad_out, AttnTensor 
                    tensor_vec_ok<T>(grad_out.ptr, grad_out.stride_b, grad_out.stride_s, grad_out.stride_h);
   const DropoutHost dh = dropout_host(p);
 
-  attention_delta_kernel<T><<<dim3(cdiv(p.seqlen_q, kWarps), p.heads, p.batch), kThreads, 0, stream>>>(
-      p, grad_out, out, delta);
+  attention_delta_kernel<T>
+      <<<dim3(cdiv(p.seqlen_q, kWarps), p.heads, p.batch), kThreads, 0, stream>>>(p, grad_out, out, delta);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
 
@@ -709,14 +712,16 @@ cudaError_t dispatch(const AttentionParams& p, F&& f) {
   switch (p.dtype) {
     case DType::kFloat16:
       return dp == 32 ? f(__half{}, std::integral_constant<int, 32>{})
-                      : (dp == 64 ? f(__half{}, std::integral_constant<int, 64>{}) : f(__half{}, std::integral_constant<int, 128>{}));
+                      : (dp == 64 ? f(__half{}, std::integral_constant<int, 64>{})
+                                  : f(__half{}, std::integral_constant<int, 128>{}));
     case DType::kBFloat16:
       return dp == 32 ? f(__nv_bfloat16{}, std::integral_constant<int, 32>{})
                       : (dp == 64 ? f(__nv_bfloat16{}, std::integral_constant<int, 64>{})
                                   : f(__nv_bfloat16{}, std::integral_constant<int, 128>{}));
     default:
       return dp == 32 ? f(float{}, std::integral_constant<int, 32>{})
-                      : (dp == 64 ? f(float{}, std::integral_constant<int, 64>{}) : f(float{}, std::integral_constant<int, 128>{}));
+                      : (dp == 64 ? f(float{}, std::integral_constant<int, 64>{})
+                                  : f(float{}, std::integral_constant<int, 128>{}));
   }
 }
 
@@ -727,14 +732,13 @@ bool attention_supports_head_dim(int head_dim) { return head_dim >= 1 && head_di
 cudaError_t attention_fwd(const AttentionParams& params, AttnTensor q, AttnTensor k, AttnTensor v, AttnOutTensor out,
                           float* lse, cudaStream_t stream) {
   const AttentionParams p = normalize(params);
-  return dispatch(p, [&](auto t, auto dp) {
-    return fwd_typed<decltype(t), decltype(dp)::value>(p, q, k, v, out, lse, stream);
-  });
+  return dispatch(
+      p, [&](auto t, auto dp) { return fwd_typed<decltype(t), decltype(dp)::value>(p, q, k, v, out, lse, stream); });
 }
 
 cudaError_t attention_bwd(const AttentionParams& params, AttnTensor grad_out, AttnTensor q, AttnTensor k, AttnTensor v,
-                          AttnTensor out, const float* lse, float* delta, AttnOutTensor grad_q,
-                          AttnOutTensor grad_k, AttnOutTensor grad_v, cudaStream_t stream) {
+                          AttnTensor out, const float* lse, float* delta, AttnOutTensor grad_q, AttnOutTensor grad_k,
+                          AttnOutTensor grad_v, cudaStream_t stream) {
   const AttentionParams p = normalize(params);
   if (p.seqlen_q <= 0 && p.seqlen_k > 0 && p.batch > 0 && p.heads > 0) {
     // no queries: dK = dV = 0 is the binding's business (it zero-fills); nothing to launch

@@ -42,11 +42,11 @@ __device__ __forceinline__ float gelu_grad(float v) {
 // One thread handles VEC consecutive elements of a row per grid-stride step (n % VEC == 0 when VEC > 1,
 // so a vector never straddles two rows and its bias slice is contiguous).
 template <typename T, int VEC, bool TANH>
-__global__ void bias_gelu_fwd_kernel(const T* __restrict__ x,     // [rows, n]
+__global__ void bias_gelu_fwd_kernel(const T* __restrict__ x,         // [rows, n]
                                      const float* __restrict__ bias,  // [n] fp32 or nullptr
-                                     T* __restrict__ out,         // [rows, n]
-                                     int64_t nvec,                // rows * n / VEC
-                                     int64_t n) {                 // row length
+                                     T* __restrict__ out,             // [rows, n]
+                                     int64_t nvec,                    // rows * n / VEC
+                                     int64_t n) {                     // row length
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nvec;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = i * VEC;
@@ -130,9 +130,12 @@ cudaError_t dispatch(DType dtype, bool bwd, const void* grad_out, const void* x,
                      int64_t rows, int64_t n, bool tanh_approx, cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat16: return launch<__half>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
-    default: return launch<float>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
+    case DType::kFloat16:
+      return launch<__half>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
+    default:
+      return launch<float>(bwd, grad_out, x, bias, y, rows, n, tanh_approx, stream);
   }
 }
 

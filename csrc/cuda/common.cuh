@@ -2,11 +2,11 @@
 // dropout stream, warp reductions. No torch headers.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "cuda/launchers.h"
 
@@ -23,18 +23,27 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // Read one element of a tensor whose dtype is known only at run time (attn_bias may differ from q).
 __device__ __forceinline__ float load_as_float(const void* p, DType dt, int64_t idx) {
   switch (dt) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[idx]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[idx]);
-    default: return static_cast<const float*>(p)[idx];
+    case DType::kFloat16:
+      return __half2float(static_cast<const __half*>(p)[idx]);
+    case DType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[idx]);
+    default:
+      return static_cast<const float*>(p)[idx];
   }
 }
 

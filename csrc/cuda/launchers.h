@@ -6,9 +6,9 @@
 // do), so the binding can report it with the op's name.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 namespace fastbert {
 namespace cuda {
@@ -47,9 +47,9 @@ int64_t add_layer_norm_bwd_workspace_bytes(int64_t rows, int64_t n, int device_s
 // dropout_p > 0 (else nullptr); grad_weight, grad_bias (nullable), grad_x_bias (nullable): fp32 [n].
 cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* x, const void* residual,
                                const float* x_bias, const float* weight, const float* mean, const float* rstd,
-                               void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias,
-                               float* grad_x_bias, int64_t rows, int64_t n, double dropout_p, const int64_t* seed,
-                               float* workspace, int device_sm_count, cudaStream_t stream);
+                               void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias, float* grad_x_bias,
+                               int64_t rows, int64_t n, double dropout_p, const int64_t* seed, float* workspace,
+                               int device_sm_count, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
 // attention (csrc/cuda/attention.cu): FlashAttention-2, fp16/bf16 on tensor cores (WMMA, fp32
@@ -72,8 +72,8 @@ struct AttnOutTensor {
 struct AttentionParams {
   DType dtype;
   int batch, heads, head_dim;
-  int seqlen_q, seqlen_k;    // padded: Sq, Sk. packed: max_seqlen (both)
-  const int* cu_seqlens;     // int32 [batch + 1] on the device, or nullptr (padded)
+  int seqlen_q, seqlen_k;  // padded: Sq, Sk. packed: max_seqlen (both)
+  const int* cu_seqlens;   // int32 [batch + 1] on the device, or nullptr (padded)
   // key padding mask: bool [B, Sk], element (b, j) at ptr + b*stride_b + j*stride_j; nullptr = none
   const bool* kpm;
   int64_t kpm_stride_b, kpm_stride_j;
@@ -84,7 +84,7 @@ struct AttentionParams {
   bool causal;
   float scale;
   double dropout_p;
-  const int64_t* seed;       // device int64 [1], nullptr when dropout_p == 0
+  const int64_t* seed;  // device int64 [1], nullptr when dropout_p == 0
   int64_t lse_stride_b, lse_stride_h;
 };
 
@@ -97,8 +97,8 @@ cudaError_t attention_fwd(const AttentionParams& p, AttnTensor q, AttnTensor k, 
 
 // delta: fp32 workspace with lse's layout (rowsum(grad_out * out)). grad_q/k/v: layouts of q/k/v.
 cudaError_t attention_bwd(const AttentionParams& p, AttnTensor grad_out, AttnTensor q, AttnTensor k, AttnTensor v,
-                          AttnTensor out, const float* lse, float* delta, AttnOutTensor grad_q,
-                          AttnOutTensor grad_k, AttnOutTensor grad_v, cudaStream_t stream);
+                          AttnTensor out, const float* lse, float* delta, AttnOutTensor grad_q, AttnOutTensor grad_k,
+                          AttnOutTensor grad_v, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastbert

@@ -27,8 +27,8 @@ LnInputs check_inputs(const char* op, const at::Tensor& x, const at::Tensor& wei
   check_contiguous(op, "x", x);
   in.rows = x.size(0);
   in.n = x.size(1);
-  FB_CUDA_CHECK(in.n <= fastbert::cuda::kMaxLayerNormHidden, op, "x's last dim (hidden size) must be <= ",
-                fastbert::cuda::kMaxLayerNormHidden, ", got ", in.n);
+  FB_CUDA_CHECK(in.n <= fastbert::cuda::kMaxLayerNormHidden, op,
+                "x's last dim (hidden size) must be <= ", fastbert::cuda::kMaxLayerNormHidden, ", got ", in.n);
   in.weight = vector_f32(op, "weight", weight, in.n, x.scalar_type(), x);
   if (has(bias)) {
     FB_CUDA_CHECK(bias->scalar_type() == weight.scalar_type(), op, "bias must have weight's dtype ",
@@ -52,10 +52,12 @@ LnInputs check_inputs(const char* op, const at::Tensor& x, const at::Tensor& wei
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 float* mut_ptr_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& x_bias, double eps, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  const std::optional<at::Tensor>& residual,
+                                                                  const std::optional<at::Tensor>& x_bias, double eps,
+                                                                  double dropout_p,
+                                                                  const std::optional<at::Tensor>& seed) {
   const LnInputs in = check_inputs(kFwd, x, weight, bias, residual, x_bias);
   FB_CUDA_CHECK(eps > 0.0, kFwd, "eps must be > 0, got ", eps);
   const int64_t* seed_ptr = check_dropout(kFwd, dropout_p, seed, x);

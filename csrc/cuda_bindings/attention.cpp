@@ -34,8 +34,8 @@ void check_qkv_like(const char* op, const char* name, const at::Tensor& t, const
   FB_CUDA_CHECK(t.scalar_type() == q.scalar_type(), op, name, " must have q's dtype ", q.scalar_type(), ", got ",
                 t.scalar_type());
   check_dim(op, name, t, packed ? 3 : 4);
-  FB_CUDA_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, name, " must have unit stride along the head dim, got strides ",
-                t.strides());
+  FB_CUDA_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, name,
+                " must have unit stride along the head dim, got strides ", t.strides());
 }
 
 // Validates everything both directions share and fills the kernel parameters.
@@ -78,7 +78,8 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
     FB_CUDA_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1, op,
                   "cu_seqlens must be an int32 tensor of shape [B + 1], got ", cu.scalar_type(), " ", cu.sizes());
     check_contiguous(op, "cu_seqlens", cu);
-    FB_CUDA_CHECK(!has(key_padding_mask), op, "key_padding_mask must be None with cu_seqlens (packed inputs have no padding)");
+    FB_CUDA_CHECK(!has(key_padding_mask), op,
+                  "key_padding_mask must be None with cu_seqlens (packed inputs have no padding)");
     FB_CUDA_CHECK(!has(attn_bias), op, "attn_bias must be None with cu_seqlens");
     FB_CUDA_CHECK(k.size(0) == q.size(0), op, "packed k must hold q's ", q.size(0), " tokens, got ", k.size(0));
     FB_CUDA_CHECK(max_seqlen >= 0 && max_seqlen <= std::numeric_limits<int>::max(), op,
@@ -95,7 +96,8 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
     sh.Sk = k.size(1);
     sh.total = 0;
     FB_CUDA_CHECK(k.size(0) == sh.B, op, "k must have q's batch size ", sh.B, ", got ", k.size(0));
-    FB_CUDA_CHECK(!causal || sh.Sq == sh.Sk, op, "causal needs as many queries as keys, got Sq=", sh.Sq, ", Sk=", sh.Sk);
+    FB_CUDA_CHECK(!causal || sh.Sq == sh.Sk, op, "causal needs as many queries as keys, got Sq=", sh.Sq,
+                  ", Sk=", sh.Sk);
     if (has(key_padding_mask)) {
       const at::Tensor& m = *key_padding_mask;
       check_cuda(op, "key_padding_mask", m, q);
@@ -116,8 +118,8 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
       const int64_t want[4] = {sh.B, sh.H, sh.Sq, sh.Sk};
       for (int64_t i = 0; i < b.dim(); ++i) {
         const int64_t s = b.size(b.dim() - 1 - i), w = want[3 - i];
-        FB_CUDA_CHECK(s == w || s == 1, op, "attn_bias of shape ", b.sizes(), " does not broadcast to [B, H, Sq, Sk] = [",
-                      sh.B, ", ", sh.H, ", ", sh.Sq, ", ", sh.Sk, "]");
+        FB_CUDA_CHECK(s == w || s == 1, op, "attn_bias of shape ", b.sizes(),
+                      " does not broadcast to [B, H, Sq, Sk] = [", sh.B, ", ", sh.H, ", ", sh.Sq, ", ", sh.Sk, "]");
       }
       bias_view = b.expand({sh.B, sh.H, sh.Sq, sh.Sk});  // stride 0 along broadcast dims: read in place
       p.bias = bias_view.data_ptr();
@@ -181,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     FB_CUDA_CHECK(t.sizes() == q.sizes(), kBwd, name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
     FB_CUDA_CHECK(t.scalar_type() == q.scalar_type(), kBwd, name, " must have q's dtype ", q.scalar_type(), ", got ",
                   t.scalar_type());
-    FB_CUDA_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kBwd, name, " must have unit stride along the head dim, got strides ",
-                  t.strides());
+    FB_CUDA_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, kBwd, name,
+                  " must have unit stride along the head dim, got strides ", t.strides());
   }
   check_cuda(kBwd, "lse", lse, q);
   const std::vector<int64_t> ls = lse_shape(sh);

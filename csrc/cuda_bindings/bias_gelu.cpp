@@ -41,9 +41,9 @@ at::Tensor bias_gelu_bwd(const at::Tensor& grad_out, const at::Tensor& x, const 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   if (x.numel() == 0) return grad_x;
-  check_launch(kBgBwd, fastbert::cuda::bias_gelu_bwd(kernel_dtype(kBgBwd, "x", x), grad_out.data_ptr(), x.data_ptr(),
-                                                     ptr_or_null(b), grad_x.data_ptr(), x.size(0), x.size(1), tanh,
-                                                     stream()));
+  check_launch(kBgBwd,
+               fastbert::cuda::bias_gelu_bwd(kernel_dtype(kBgBwd, "x", x), grad_out.data_ptr(), x.data_ptr(),
+                                             ptr_or_null(b), grad_x.data_ptr(), x.size(0), x.size(1), tanh, stream()));
   return grad_x;
 }
 

@@ -40,9 +40,12 @@ inline void check_cuda(const char* op, const char* name, const at::Tensor& t, co
 
 inline DType kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
     default:
       FB_CUDA_CHECK(false, op, name, " must have dtype float32, float16 or bfloat16, got ", t.scalar_type());
   }
@@ -78,8 +81,7 @@ inline const int64_t* check_dropout(const char* op, double p, const std::optiona
   FB_CUDA_CHECK(has(seed), op, "seed must be given when dropout_p > 0");
   check_cuda(op, "seed", *seed, ref);
   FB_CUDA_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
-                "seed must be an int64 tensor of shape [1], got dtype ", seed->scalar_type(), " shape ",
-                seed->sizes());
+                "seed must be an int64 tensor of shape [1], got dtype ", seed->scalar_type(), " shape ", seed->sizes());
   return seed->data_ptr<int64_t>();
 }
 
@@ -112,7 +114,8 @@ inline int sm_count(const at::Tensor& t) {
   if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
   int n = 0;
   const cudaError_t e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  TORCH_CHECK(e == cudaSuccess, ::fastbert::msg::cat("fastbert (cuda): cudaDeviceGetAttribute failed: ", cudaGetErrorString(e)));
+  TORCH_CHECK(e == cudaSuccess,
+              ::fastbert::msg::cat("fastbert (cuda): cudaDeviceGetAttribute failed: ", cudaGetErrorString(e)));
   if (dev >= 0 && dev < 64) cache[dev] = n;
   return n;
 }

@@ -57,13 +57,14 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at
     // pre = x W^T + b (the backward's input), then out = gelu(pre): the bias is added once, in the GEMM
     at::Tensor pre = b.defined() ? at::addmm(b.to(x.scalar_type()), x, weight.t()) : at::mm(x, weight.t());
     pre = pre.contiguous();
-    check_launch(kLgFwd, fastbert::cuda::bias_gelu_fwd(dt, pre.data_ptr(), nullptr, out.data_ptr(), m, n, tanh, stream()));
+    check_launch(kLgFwd,
+                 fastbert::cuda::bias_gelu_fwd(dt, pre.data_ptr(), nullptr, out.data_ptr(), m, n, tanh, stream()));
     return {out, pre};
   }
   // no pre to keep: GEMM without bias, bias + GELU fused in one pass (the bias stays fp32)
   const at::Tensor mm = at::mm(x, weight.t()).contiguous();
-  check_launch(kLgFwd, fastbert::cuda::bias_gelu_fwd(dt, mm.data_ptr(), ptr_or_null(b), out.data_ptr(), m, n, tanh,
-                                                     stream()));
+  check_launch(kLgFwd,
+               fastbert::cuda::bias_gelu_fwd(dt, mm.data_ptr(), ptr_or_null(b), out.data_ptr(), m, n, tanh, stream()));
   return {out, no_output(x.options())};
 }
 
@@ -100,14 +101,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
   // grad_pre = grad_out * gelu'(pre); pre recomputed without bias, the bias then added in the kernel
   const at::Tensor pre_src = saved ? pre.contiguous() : at::mm(x, weight.t()).contiguous();
   at::Tensor grad_pre = at::empty({m, n}, x.options());
-  check_launch(kLgBwd, fastbert::cuda::bias_gelu_bwd(dt, g.data_ptr(), pre_src.data_ptr(),
-                                                     saved ? nullptr : ptr_or_null(b), grad_pre.data_ptr(), m, n, tanh,
-                                                     stream()));
+  check_launch(kLgBwd,
+               fastbert::cuda::bias_gelu_bwd(dt, g.data_ptr(), pre_src.data_ptr(), saved ? nullptr : ptr_or_null(b),
+                                             grad_pre.data_ptr(), m, n, tanh, stream()));
   at::Tensor grad_x = at::mm(grad_pre, weight);
   at::Tensor grad_w = at::mm(grad_pre.t(), x);
   // column sum in fp32 whatever the dtype, rounded once to the bias dtype
-  at::Tensor grad_b = has(bias) ? grad_pre.sum(0, /*keepdim=*/false, at::kFloat).to(bias->scalar_type())
-                                : no_output(x.options());
+  at::Tensor grad_b =
+      has(bias) ? grad_pre.sum(0, /*keepdim=*/false, at::kFloat).to(bias->scalar_type()) : no_output(x.options());
   return {grad_x, grad_w, grad_b};
 }
 

@@ -51,7 +51,8 @@ DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastbert.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="a short run (see above)")
     p.add_argument("--out", default="bench-out", help="output directory (created; default bench-out)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-model", default="bert-base", help="whose shapes the op-level cases use (default bert-base)")
     p.add_argument("--op-batch", type=_ints, default=None, help="op-level batch sizes (default: --batch)")
     p.add_argument("--op-seq", type=_ints, default=None, help="op-level sequence lengths (default: --seq)")
-    p.add_argument("--op-modes", type=_csv, default=None, help="fwd,bwd,fwd+bwd (bwd: the backward alone; fwd+bwd: forward with autograd, then backward)")
+    p.add_argument("--op-modes", type=_csv, default=None,
+                   help="fwd,bwd,fwd+bwd (bwd: the backward alone; fwd+bwd: forward with autograd, then backward)")
     p.add_argument("--no-models", action="store_true", help="op level only")
     p.add_argument("--append", action="store_true",
                    help="add this run's rows to DIR/results.json of an earlier run on the same device and "

@@ -144,8 +144,8 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
     L.append("")
     auto = env.get("fastbert_auto_backends") or {}
     if auto:
-        L.append("fastbert's own backend choice per op (providers `fastbert`, `fastbert-padded`): "
-                 + "; ".join(f"{k}: " + ", ".join(f"{op} -> {b}" for op, b in v.items()) for k, v in auto.items()) + ".")
+        choices = "; ".join(f"{k}: " + ", ".join(f"{op} -> {b}" for op, b in v.items()) for k, v in auto.items())
+        L.append(f"fastbert's own backend choice per op (providers `fastbert`, `fastbert-padded`): {choices}.")
         L.append("")
     L.append("Latency: median (p20-p80) in ms. Speedup: over hf-sdpa (models) or the PyTorch composition "
              "(ops). Error: max |out - HF fp32| over valid tokens (models), max |out - float64 reference| "
@@ -164,17 +164,21 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
         L.append(f"## {kind} {name}, {dtype}, {mode}")
         L.append("")
         if kind == "model":
-            L.append("| shape | provider | ms (p20-p80) | speedup | tokens/s | TFLOP/s | % peak | max abs err | peak MB |")
+            L.append("| shape | provider | ms (p20-p80) | speedup | tokens/s | TFLOP/s | % peak | max abs err "
+                     "| peak MB |")
             L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
             for r in rs:
-                L.append(f"| {_shape(r)} | {r['provider']} | {_f(r['median_ms'])} ({_f(r['p20_ms'])}-{_f(r['p80_ms'])}) "
+                L.append(f"| {_shape(r)} | {r['provider']} | {_f(r['median_ms'])} "
+                         f"({_f(r['p20_ms'])}-{_f(r['p80_ms'])}) "
                          f"| {_f(sp.get(id(r)), '{:.2f}x')} | {_f(r['tokens_per_s'], '{:.0f}')} | {_f(r['tflops'])} "
-                         f"| {_f(r['pct_peak'], '{:.1f}')} | {_f(r['max_abs_err'], '{:.2e}')} | {_f(r['peak_mem_mb'], '{:.0f}')} |")
+                         f"| {_f(r['pct_peak'], '{:.1f}')} | {_f(r['max_abs_err'], '{:.2e}')} "
+                         f"| {_f(r['peak_mem_mb'], '{:.0f}')} |")
         else:
             L.append("| shape | provider | ms (p20-p80) | speedup | TFLOP/s | % peak | GB/s | % bw | max abs err |")
             L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
             for r in rs:
-                L.append(f"| {_shape(r)} | {r['provider']} | {_f(r['median_ms'])} ({_f(r['p20_ms'])}-{_f(r['p80_ms'])}) "
+                L.append(f"| {_shape(r)} | {r['provider']} | {_f(r['median_ms'])} "
+                         f"({_f(r['p20_ms'])}-{_f(r['p80_ms'])}) "
                          f"| {_f(sp.get(id(r)), '{:.2f}x')} | {_f(r['tflops'])} | {_f(r['pct_peak'], '{:.1f}')} "
                          f"| {_f(r['gbps'])} | {_f(r['pct_bw'], '{:.1f}')} | {_f(r['max_abs_err'], '{:.2e}')} |")
         L.append("")

@@ -111,7 +111,8 @@ class _PatchState:
 # ----------------------------------------------------------------------------------------------
 # patch / unpatch
 # ----------------------------------------------------------------------------------------------
-def patch(model: nn.Module, *, backend: Optional[str] = None, padding_free: bool = True, strict: bool = True) -> nn.Module:
+def patch(model: nn.Module, *, backend: Optional[str] = None, padding_free: bool = True,
+          strict: bool = True) -> nn.Module:
     """Patch `model` in place (see the module doc) and return it.
 
     backend: None lets each op choose; a name ("triton", "cuda", "cpu", "torch") forces it inside the
@@ -353,7 +354,8 @@ def _fallback_reasons(base: nn.Module, state: _PatchState, a: Dict[str, Any], ex
     mask = a.get("attention_mask")
     if mask is not None:
         ref = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or ref is None or tuple(mask.shape) != tuple(ref.shape[:2]):
+        if (not isinstance(mask, torch.Tensor) or mask.dim() != 2 or ref is None
+                or tuple(mask.shape) != tuple(ref.shape[:2])):
             why.append("attention_mask is not a [batch, seq] padding mask")
     if (a.get("input_ids") is None) == (a.get("inputs_embeds") is None):
         why.append("exactly one of input_ids / inputs_embeds must be given (HF raises the error)")

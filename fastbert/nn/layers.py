@@ -186,17 +186,17 @@ class FusedQKV:
 
     @staticmethod
     def _fuse(lins):
-        w = torch.cat([l.weight for l in lins], 0)
-        if all(l.bias is None for l in lins):
+        w = torch.cat([lin.weight for lin in lins], 0)
+        if all(lin.bias is None for lin in lins):
             return w, None
-        b = torch.cat([l.bias if l.bias is not None else l.weight.new_zeros(l.out_features) for l in lins], 0)
+        b = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in lins], 0)
         return w, b
 
     def get(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, token: Hashable = None
             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The fused weight and bias; `token` (LinearParts.cache_token of the three) joins the cache key."""
         lins = (q, k, v)
-        params = [p for l in lins for p in (l.weight, l.bias) if p is not None]
+        params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
         compiling = torch.compiler.is_compiling()
         if compiling or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return self._fuse(lins)

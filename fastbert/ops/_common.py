@@ -40,7 +40,8 @@ def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> No
             raise ValueError(f"fastbert.ops.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_float(op: str, name: str, value, *, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> float:
+def check_float(op: str, name: str, value, *, lo: float, hi: float, lo_open: bool = False,
+                hi_open: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"fastbert.ops.{op}: {name} must be a float, got {type(value).__name__}")
     value = float(value)
@@ -61,7 +62,8 @@ def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others) -> Non
 
 def check_approximate(op: str, approximate) -> str:
     if approximate not in ("none", "tanh"):
-        raise ValueError(f"fastbert.ops.{op}: approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
+        raise ValueError(f"fastbert.ops.{op}: approximate must be 'none' (exact erf GELU) or 'tanh', "
+                         f"got {approximate!r}")
     return approximate
 
 

@@ -149,10 +149,12 @@ def add_layer_norm(
     C.check_tensor("x_bias", x_bias, op=op, ndim=(1,), optional=True)
     for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         if t is not None and t.shape[0] != n:
-            raise ValueError(f"fastbert.ops.{op}: {name} has shape {tuple(t.shape)}, expected ({n},) to match x's last dim")
+            raise ValueError(f"fastbert.ops.{op}: {name} has shape {tuple(t.shape)}, expected ({n},) to match "
+                             "x's last dim")
     if residual is not None:
         if residual.shape != x.shape:
-            raise ValueError(f"fastbert.ops.{op}: residual has shape {tuple(residual.shape)}, expected x's shape {tuple(x.shape)}")
+            raise ValueError(f"fastbert.ops.{op}: residual has shape {tuple(residual.shape)}, expected x's shape "
+                             f"{tuple(x.shape)}")
         if residual.dtype != x.dtype:
             raise TypeError(f"fastbert.ops.{op}: residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
     if bias is not None and bias.dtype != weight.dtype:

@@ -173,7 +173,8 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional
     if max_seqlen is None:
         return longest
     if max_seqlen < longest:
-        raise ValueError(_err(f"max_seqlen {max_seqlen} is shorter than the longest sequence in cu_seqlens ({longest})"))
+        raise ValueError(_err(f"max_seqlen {max_seqlen} is shorter than the longest sequence in cu_seqlens "
+                              f"({longest})"))
     return max_seqlen
 
 
@@ -264,13 +265,15 @@ def attention(
                 raise TypeError(_err(f"attention_mask must be bool or integer (1 = token, 0 = padding), got "
                                      f"{attention_mask.dtype}; pass an additive float mask as attn_bias"))
             if tuple(attention_mask.shape) != (B, Sk):
-                raise ValueError(_err(f"attention_mask must be [B, Sk] = [{B}, {Sk}], got {tuple(attention_mask.shape)}"))
+                raise ValueError(_err(f"attention_mask must be [B, Sk] = [{B}, {Sk}], got "
+                                      f"{tuple(attention_mask.shape)}"))
             if attention_mask.dtype != torch.bool:
                 attention_mask = attention_mask != 0
         if attn_bias is not None:
             C.check_tensor("attn_bias", attn_bias, op=OP)
             if attn_bias.dim() > 4:
-                raise ValueError(_err(f"attn_bias must broadcast to [B, H, Sq, Sk], got shape {tuple(attn_bias.shape)}"))
+                raise ValueError(_err(f"attn_bias must broadcast to [B, H, Sq, Sk], got shape "
+                                      f"{tuple(attn_bias.shape)}"))
             try:
                 shape = torch.broadcast_shapes(tuple(attn_bias.shape), (B, H, Sq, Sk))
             except RuntimeError:

@@ -85,7 +85,8 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *, approximate: str
     n = x.shape[-1]
     C.check_tensor("bias", bias, op=op, ndim=(1,), optional=True)
     if bias is not None and bias.shape[0] != n:
-        raise ValueError(f"fastbert.ops.{op}: bias has shape {tuple(bias.shape)}, expected ({n},) to match x's last dim")
+        raise ValueError(f"fastbert.ops.{op}: bias has shape {tuple(bias.shape)}, expected ({n},) to match x's "
+                         "last dim")
     C.check_same_dtype(op, "x", x, bias=bias)
     C.check_same_device(op, "x", x, bias=bias)
     approximate = C.check_approximate(op, approximate)

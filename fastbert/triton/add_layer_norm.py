@@ -227,7 +227,8 @@ def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor], device: torch.
     if seed is None:
         raise ValueError("add_layer_norm: seed must be an int64 tensor of shape [1] when dropout_p > 0")
     if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"add_layer_norm: seed must be an int64 tensor of shape [1], got {seed.dtype} {tuple(seed.shape)}")
+        raise ValueError(f"add_layer_norm: seed must be an int64 tensor of shape [1], got {seed.dtype} "
+                         f"{tuple(seed.shape)}")
     if seed.device != device:
         raise ValueError(f"add_layer_norm: seed is on {seed.device} but x is on {device}")
     return True, _runtime.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)

@@ -459,7 +459,8 @@ from hypothesis import strategies as st  # noqa: E402
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=8, deadline=None, derandomize=True, database=None)
-@given(rows=st.integers(1, 9), n=st.integers(1, 700), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+@given(rows=st.integers(1, 9), n=st.integers(1, 700),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        residual=st.booleans(), x_bias=st.booleans(), bias=st.booleans(),
        dropout_p=st.sampled_from([0.0, 0.0, 0.1, 0.6]), eps=st.sampled_from([1e-12, 1e-5]))
 def test_random_shapes_and_options(backend, device, rows, n, dtype, residual, x_bias, bias, dropout_p, eps):

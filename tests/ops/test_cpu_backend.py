@@ -68,7 +68,8 @@ def test_add_layer_norm(dtype, rows, n, opts):
     o64, g64 = _ref_run(fn, tensors, torch.float64, grad)
     od, gd = _ref_run(fn, tensors, dtype, grad)  # PyTorch's own error at this precision
     _check("out", out, od, o64, dtype)
-    h64 = x.double() + (x_bias.double() if x_bias is not None else 0) + (residual.double() if residual is not None else 0)
+    h64 = (x.double() + (x_bias.double() if x_bias is not None else 0)
+           + (residual.double() if residual is not None else 0))
     torch.testing.assert_close(mean.double(), h64.mean(-1), atol=1e-5, rtol=1e-5)
     assert mean.dtype == rstd.dtype == torch.float32
     _check("grad_pre", g_pre, gd[0], g64[0], dtype)
@@ -314,7 +315,8 @@ def test_attention_all_padding_rows_and_lse():
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isinf(lse[1]).all() and (lse[1] > 0).all()
     scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * 0.25
     torch.testing.assert_close(lse[0].double(), torch.logsumexp(scores[0], -1), atol=1e-5, rtol=1e-5)
-    gq, gk, gv = OPS.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, None, None, 0, False, 0.25, 0.0, None)
+    gq, gk, gv = OPS.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, None, None, 0, False, 0.25, 0.0,
+                                   None)
     for g in (gq, gk, gv):
         assert torch.isfinite(g).all() and torch.equal(g[1], torch.zeros_like(g[1]))
 
@@ -405,18 +407,23 @@ def _attn(q=None, k=None, v=None, mask=None, bias=None, cu=None, max_seqlen=0, p
     (lambda: OPS.bias_gelu_fwd(torch.randn(2, 4), None, "sigmoid"), "approximate"),
     (lambda: OPS.bias_gelu_bwd(torch.randn(2, 5), torch.randn(2, 4), None, "none"), "grad_out must have x's shape"),
     (lambda: OPS.linear_gelu_fwd(torch.randn(2, 4), torch.randn(3, 5), None, "none", False), "weight must have shape"),
-    (lambda: OPS.linear_gelu_fwd(torch.randn(2, 4), torch.randn(3, 4).half(), None, "none", False), "weight must have x's dtype"),
+    (lambda: OPS.linear_gelu_fwd(torch.randn(2, 4), torch.randn(3, 4).half(), None, "none", False),
+     "weight must have x's dtype"),
     (lambda: OPS.linear_gelu_fwd(torch.randn(2, 2, 4), torch.randn(3, 4), None, "none", False), "x must have rank 2"),
-    (lambda: OPS.linear_gelu_bwd(torch.randn(2, 3), torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(2, 2), "none"), "pre must have shape"),
+    (lambda: OPS.linear_gelu_bwd(torch.randn(2, 3), torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(2, 2),
+                                 "none"), "pre must have shape"),
     (lambda: _attn(q=torch.randn(2, 3, 16)), "q must have rank 4"),
     (lambda: _attn(q=torch.randn(2, 3, 2, 16).half()), "must share a dtype"),
     (lambda: _attn(q=torch.randn(2, 3, 2, 32)), "k must have q's head dim"),
-    (lambda: _attn(q=torch.randn(2, 3, 2, 16).transpose(-1, -2).contiguous().transpose(-1, -2)), "q must have unit stride along D"),
+    (lambda: _attn(q=torch.randn(2, 3, 2, 16).transpose(-1, -2).contiguous().transpose(-1, -2)),
+     "q must have unit stride along D"),
     (lambda: _attn(mask=torch.ones(2, 3)), "key_padding_mask must be bool"),
     (lambda: _attn(mask=torch.ones(2, 4, dtype=torch.bool)), "key_padding_mask must have shape"),
     (lambda: _attn(bias=torch.randn(2, 2, 3, 4)), "attn_bias"),
-    (lambda: _attn(q=torch.randn(5, 2, 16), k=torch.randn(5, 2, 16), cu=torch.tensor([0, 5])), "cu_seqlens must be a contiguous int32"),
-    (lambda: _attn(q=torch.randn(5, 2, 16), k=torch.randn(5, 2, 16), cu=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=3), "max_seqlen"),
+    (lambda: _attn(q=torch.randn(5, 2, 16), k=torch.randn(5, 2, 16), cu=torch.tensor([0, 5])),
+     "cu_seqlens must be a contiguous int32"),
+    (lambda: _attn(q=torch.randn(5, 2, 16), k=torch.randn(5, 2, 16), cu=torch.tensor([0, 5], dtype=torch.int32),
+                   max_seqlen=3), "max_seqlen"),
     (lambda: _attn(p=0.5), "seed must be given"),
 ])
 def test_bad_inputs_name_the_argument(call, match):

@@ -630,7 +630,8 @@ _EMU_WRAP = textwrap.dedent("""
     using namespace fastbert::cuda;
     extern "C" {
     int w_bias_gelu(int bwd, int dt, const void* g, const void* x, const float* b, void* y, long rows, long n, int t) {
-      return bwd ? bias_gelu_bwd((DType)dt, g, x, b, y, rows, n, t, nullptr) : bias_gelu_fwd((DType)dt, x, b, y, rows, n, t, nullptr);
+      return bwd ? bias_gelu_bwd((DType)dt, g, x, b, y, rows, n, t, nullptr)
+                 : bias_gelu_fwd((DType)dt, x, b, y, rows, n, t, nullptr);
     }
     int w_ln_fwd(int dt, const void* x, const void* res, const float* xb, const float* w, const float* b, void* out,
                  float* mean, float* rstd, long rows, long n, float eps, double p, const int64_t* seed) {
@@ -847,7 +848,8 @@ def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None):
 
 
 @pytest.mark.skipif(os.environ.get("FASTBERT_CUDA_EMULATION") != "1",
-                    reason="opt-in (FASTBERT_CUDA_EMULATION=1): runs the CUDA kernels' source under a slow host emulation")
+                    reason="opt-in (FASTBERT_CUDA_EMULATION=1): runs the CUDA kernels' source under a slow host "
+                           "emulation")
 def test_kernels_under_host_emulation(tmp_path):
     if shutil.which("g++") is None or _cuda_include_dir() is None:
         pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
