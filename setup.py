@@ -102,16 +102,13 @@ def _extensions():
     # torch already loaded (its lib/ directory), so no second OpenMP runtime is linked in.
     # -fvisibility-inlines-hidden: as torch is built, so the at::vec inline code of this library never
     # interposes with (or is interposed by) torch's own copies.
-    # No -std here: torch's BuildExtension adds the standard its own headers need (C++17 up to torch 2.13's
-    # minimum, C++20 from 2.14, whose headers use <=> and concepts); a fixed -std=c++17 after it broke the
-    # build against torch 2.14.1. The .cu kernels include no torch headers and keep nvcc's C++17 below.
+    # No -std here: torch's BuildExtension adds the standard its own headers need (C++20 from torch 2.14;
+    # docs/perf-notes.md). The .cu kernels include no torch headers and keep nvcc's C++17 below.
     cxx_flags = ["-O3", "-fopenmp", "-fvisibility-inlines-hidden",
                  "-DFASTBERT_WITH_CUDA=%d" % int(want_cuda)] + _cpu_simd_flags()
     include_dirs = [os.path.join(ROOT, "csrc")]
     # libstdc++ as a shared library, named explicitly so it is found before any static copy a compiler
-    # driver may add (on the H100 image, /opt/gcc/bin/g++ linked libstdc++'s locale code into _C; with
-    # Python's -Bsymbolic-functions, formatting an integer in an error message then crashed; see
-    # csrc/message.h, which no longer depends on that). Harmless where the default is already shared.
+    # driver may add (docs/perf-notes.md, "Build incidents"). Harmless where the default is already shared.
     libraries = ["stdc++"]
     if want_cuda:
         archs = os.environ.get("FASTBERT_CUDA_ARCHS", "80;90a")

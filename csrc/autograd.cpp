@@ -2,9 +2,8 @@
 // and attention, each a torch::autograd::Function over the op's forward and backward kernels
 // (fastbert::<op>_fwd / _bwd, reached through the dispatcher, so one registration serves CPU and CUDA).
 //
-// Why in C++: the Python autograd.Function of fastbert/ops/*.py costs ~0.1-0.2 ms per training call on
-// the 2-core development VM (apply, ctx, saved tensors, the Python backward), which is a tenth of an
-// add_layer_norm forward + backward at BERT-base B8 x 128 and a third or more of it at B1. Here the
+// Why in C++: the Python autograd.Function of fastbert/ops/*.py (apply, ctx, saved tensors, the Python
+// backward) costs a tenth or more of an add_layer_norm forward + backward (docs/perf-notes.md). Here the
 // graph node is a C++ node, as for PyTorch's own ops; torch.compile traces these ops too (opcheck's
 // aot_dispatch test and the patched-model aot_eager test). The Python Functions stay for triton.
 //

@@ -1,13 +1,9 @@
 // Error messages of fastbert's argument checks, formatted without std::ostream's number formatting.
 //
-// Why: on the H100 machine this project was first run on, fastbert._C was built by a g++ (/opt/gcc)
-// that put its own copies of libstdc++'s locale code (num_put, money_put, ...) into the library, and
-// the interpreter links with -Bsymbolic-functions. TORCH_CHECK formats its arguments with an
-// std::ostringstream; streaming an integer then used the library's num_put against the process's
-// locale and crashed (SIGSEGV in basic_ostream::_M_insert<long>, seen in cuda-gdb), while messages made
-// of strings alone went through. Every fastbert check therefore formats its numbers, shapes, dtypes and
-// devices into one std::string here (std::to_string / snprintf, no locale facets) and hands TORCH_CHECK
-// that string only. setup.py also links libstdc++ dynamically on purpose (see there).
+// Why: TORCH_CHECK's ostream number formatting crashed a build whose compiler had copied libstdc++'s
+// locale code into the library (docs/perf-notes.md, "Build incidents"). Every fastbert check formats
+// its numbers, shapes, dtypes and devices into one std::string here (std::to_string / snprintf, no
+// locale facets) and hands TORCH_CHECK that string only.
 #pragma once
 
 #include <c10/core/Device.h>

@@ -216,8 +216,8 @@ class Dispatcher:
     order:    device type -> backend order (defaults to DEFAULT_ORDER)
     key:      function(**inputs) -> a hashable summary of everything the checks read (dtypes, head
               dim, ...). With it, decisions are cached per (device type, forced backend, key): a call
-              costs a dict lookup instead of asking every backend (~16 us of Python per op call
-              measured on the CPU development VM). What the device checks read besides the key
+              costs a dict lookup instead of asking every backend (docs/perf-notes.md). What the
+              device checks read besides the key
               (installed packages, the built extension) does not change within a process;
               TRITON_INTERPRET is part of the cache key where it matters (CUDA tensors, forced triton).
     """

@@ -2,7 +2,7 @@
 
 Each function is correct in any floating dtype, float64 included, and computes in the dtype it is
 given, the way the PyTorch/Hugging Face composition it stands for does (so at fp16 it also shows
-PyTorch's own rounding error, the yardstick of the numerical rule in DESIGN.md). They are the
+PyTorch's own rounding error, the yardstick of the numerical rule of docs/design.md). They are the
 oracle of every test and benchmark and the `torch` backend.
 
 Dropout everywhere uses one counter-based RNG, identical bit for bit in every backend:

@@ -1,4 +1,4 @@
-"""The numerical-equivalence rule of DESIGN.md as assertions, shared by tests and benchmarks.
+"""The numerical-equivalence rule of docs/design.md as assertions, shared by tests and benchmarks.
 
 For dtype d: err(fastbert_d) <= k * err(torch_d) + atol_d, where err(x) = max |x - ref64| over valid
 positions, torch_d is the PyTorch/HF composition run at dtype d, and ref64 the same in float64.
@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-# floor added to k * err(torch_d) (DESIGN.md: fp32 1e-6, fp16 1e-3, bf16 1e-2 for ops)
+# floor added to k * err(torch_d) (docs/design.md: fp32 1e-6, fp16 1e-3, bf16 1e-2 for ops)
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 K_OP = 2.0
 K_MODEL = 3.0

@@ -8,8 +8,8 @@
 // causal test, attn_bias and the dropout counters), and tiles of BQ queries x up to BK keys go through
 // a small register-blocked GEMM on at::vec::Vectorized<float> (gemm_f32 below). Up to BK keys are one
 // tile, so at BERT lengths the online softmax never rescales. Rows of one head lie H * D elements apart;
-// every loop over them prefetches kAhead rows ahead (measured at B8 S128 H12 D64 fp32 on the 2-core
-// VM: 5.4 -> 4.4 ms, the loads of q/k/v rows had been a quarter of the time).
+// every loop over them prefetches kAhead rows ahead (the row loads were a quarter of the time:
+// docs/perf-notes.md).
 //
 // Forward, per query row i, over key tiles (m = running max, l = running sum, o = running output):
 //   s_j = scale * q_i . k_j + bias_ij          (-inf where masked: padding, causal j > i)

@@ -51,9 +51,8 @@ void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
 }
 
 // out = x @ W^T in column chunks of about kGemmCols outputs, each GEMM writing its slice of `out` in
-// place (BLAS leading dimension n: no copies). fp32 on the 2-core AMD EPYC development VM (MKL sgemm,
-// 2 threads): N = 3072 as four N = 768 GEMMs ran 5-12% faster than one, at M = 128 and M = 1024, with
-// bit-identical results (each output element is the same dot product over K).
+// place (BLAS leading dimension n: no copies): faster than one GEMM with MKL's sgemm, bit-identical
+// (each output element is the same dot product over K); docs/perf-notes.md.
 constexpr int64_t kGemmCols = 768;
 
 void mm_in_column_chunks(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {

@@ -223,9 +223,8 @@ def _three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) ->
 
 def _qkv_three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], hidden: int) -> torch.Tensor:
     """F.linear(h, w, b) computed as three GEMMs of N = hidden, each writing its column slice of the one
-    [.., 3 * hidden] output in place (BLAS leading dimension 3 * hidden: no copies, same layout). With
-    MKL's sgemm on the 2-core AMD EPYC development VM this measured faster than one GEMM of
-    N = 3 * hidden: 28.3 vs 32.2 ms at M = 1024 tokens, 4.14 vs 4.22 ms at M = 128 (BERT-base)."""
+    [.., 3 * hidden] output in place (BLAS leading dimension 3 * hidden: no copies, same layout): faster
+    than one GEMM of N = 3 * hidden with MKL's sgemm (docs/perf-notes.md)."""
     h2 = h.reshape(-1, h.shape[-1])
     out = torch.empty(h2.shape[0], 3 * hidden, dtype=h.dtype, device=h.device)
     for i in range(3):

@@ -7,7 +7,7 @@ csrc/ops.cpp), torch (fastbert/reference.py under autograd).
 What the output holds (every backend): a query row at a padding position attends to the valid keys
 of its sequence, like Hugging Face's eager attention, so it is finite and defined; a row that sees no
 key at all (a sequence whose mask is all zeros) is 0, with zero gradients. Valid rows are what the
-numerical rule of DESIGN.md is checked on. Every backend, the torch reference included, treats an
+numerical rule of docs/design.md is checked on. Every backend, the torch reference included, treats an
 attn_bias value below -1e20 (HF's fp32/bf16 finfo.min additive masks, -inf; NaN too) as masking its
 key, so a row masked that way entirely gives 0 as well (fastbert/triton/attention.py explains why);
 HF's own attention gives a uniform average or NaN there.

@@ -1,5 +1,5 @@
 """Tiny random-weight configs of every patched architecture, and the float64 comparison used by the
-patching tests (DESIGN.md's rule, k = 3 for whole models, over valid positions)."""
+patching tests (docs/design.md's rule, k = 3 for whole models, over valid positions)."""
 import copy
 
 import torch

@@ -1,6 +1,6 @@
 """fastbert.patch / unpatch on tiny random-weight Hugging Face models (no hub access).
 
-Every architecture: outputs and every parameter gradient hold DESIGN.md's rule with k = 3 against a
+Every architecture: outputs and every parameter gradient hold docs/design.md's rule with k = 3 against a
 float64 copy of the UNPATCHED model, over valid (non-padding) positions, with padding, padding-free and
 padded, on the default backend (cpu/torch here) and forced triton (the interpreter here; cuda/triton and
 fp16/bf16 as gpu-marked twins).

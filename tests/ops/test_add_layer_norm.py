@@ -1,5 +1,5 @@
 """add_layer_norm = LayerNorm(dropout(x + x_bias) + residual): every backend against the float64
-reference, forward and backward, under the rule of DESIGN.md (fastbert.testing.assert_no_worse).
+reference, forward and backward, under the rule of docs/design.md (fastbert.testing.assert_no_worse).
 
 On this CPU CI the triton backend runs in the Triton interpreter (small shapes: it is slow); the cpu
 backend runs once fastbert._C has its CPU kernels; the cuda cases run only on a GPU (`-m gpu`).
