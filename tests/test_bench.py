@@ -49,7 +49,7 @@ def test_results_json_schema(quick_run):
     assert set(data) == {"env", "rows"}
     env = data["env"]
     assert ISSUE_ENV_KEYS <= set(env)
-    # a CPU run fixes glibc's malloc thresholds (fastbert.bench.__main__._steady_cpu_allocator)
+    # a CPU run fixes glibc's malloc thresholds (fastbert.bench.environment.steady_cpu_allocator)
     assert env["device_kind"] == "cpu" and env["cpu_allocator"].startswith("glibc mallopt"), env["cpu_allocator"]
     assert env["interleaved"] is True
     assert env["device_kind"] == "cpu"
@@ -130,11 +130,11 @@ def test_markdown_and_plots_written(quick_run):
 def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path, monkeypatch):
     import shutil
 
-    import fastbert.bench.__main__ as bench_main
+    from fastbert.bench import environment
 
     src, data = quick_run
     # others may commit to the checkout while the suite runs: pin the commit the first run saw
-    monkeypatch.setattr(bench_main, "_commit", lambda: data["env"]["commit"])
+    monkeypatch.setattr(environment, "_commit", lambda: data["env"]["commit"])
     out = tmp_path / "appended"
     shutil.copytree(src, out)
     threads = torch.get_num_threads()
@@ -164,7 +164,7 @@ def test_append_adds_rows_and_keeps_limits(quick_run, tmp_path, monkeypatch):
     assert new["env"]["appended_commands"][0].startswith("python -m fastbert.bench --append")
     assert "then, appended:" in (out / "results.md").read_text()
     # rows of another commit (or device, versions, threads) do not mix into one folder
-    monkeypatch.setattr(bench_main, "_commit", lambda: "another-commit")
+    monkeypatch.setattr(environment, "_commit", lambda: "another-commit")
     with pytest.raises(SystemExit, match="commit"):
         main(["--append", "--device", "cpu", "--threads", str(data["env"]["cpu_threads"]), "--no-models",
               "--ops", "bias_gelu", "--out", str(out)])
@@ -257,10 +257,10 @@ def test_bad_arguments_are_rejected(tmp_path):
 
 def test_rows_are_checkpointed_while_the_run_goes():
     # a run stopped by a time limit keeps what it measured: rows are saved as they come
-    from fastbert.bench.__main__ import _CheckpointedRows
+    from fastbert.bench.rows import CheckpointedRows
 
     saved = []
-    rows = _CheckpointedRows(lambda done: saved.append(list(done)), every_s=0.0)
+    rows = CheckpointedRows(lambda done: saved.append(list(done)), every_s=0.0)
     rows.append({"a": 1})
     rows.append({"a": 2})
     assert saved == [[{"a": 1}], [{"a": 1}, {"a": 2}]]
@@ -268,7 +268,7 @@ def test_rows_are_checkpointed_while_the_run_goes():
 
 
 def test_sequential_timing_path(tmp_path, monkeypatch):
-    """GPU runs time providers one after another (opbench.run_case, __main__._run_workload); CPU runs
+    """GPU runs time providers one after another (opbench.run_case, model_runs._time); CPU runs
     interleave them. Run the sequential path here, on CPU, so a GPU session never meets it first."""
     assert timing.interleave(torch.device("cpu")) and not timing.interleave(torch.device("meta"))
     monkeypatch.setattr(timing, "INTERLEAVE_CPU", False)
