@@ -8,9 +8,11 @@ Interpreter gaps (Triton 3.9, TRITON_INTERPRET=1 only; the GPU runs the full che
 """
 import os
 
+import pytest
 import torch
 
 from fastbert.testing import assert_no_worse
+from tests.helpers import require_backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["triton", "cpu", "cuda"]
@@ -50,3 +52,18 @@ def _grads(out, inputs, dy):
     live = [t for t in inputs if t is not None]
     g = iter(torch.autograd.grad(out, live, dy))
     return [None if t is None else next(g) for t in inputs]
+
+
+def run_opcheck(backend, device, name, cases):
+    """torch.library.opcheck on kernel `name` of `backend` with each argument tuple of cases[name]."""
+    require_backend(backend, device, (name,))
+    op = getattr(torch.ops.fastbert, ("triton_" if backend == "triton" else "") + name)
+    for args in cases[name]:
+        torch.library.opcheck(op, args)
+
+
+def expect_error(case):
+    """case = (id, call, exception type, message pattern): the call raises that, naming the argument."""
+    _, call, exc, match = case
+    with pytest.raises(exc, match=match):
+        call()

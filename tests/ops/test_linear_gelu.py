@@ -14,7 +14,8 @@ from fastbert import backends, reference
 from fastbert.ops import linear_gelu
 from fastbert.testing import assert_no_worse
 from tests.helpers import DEVICES, DTYPES, require_backend
-from tests.ops.gelu_checks import BACKENDS, DTYPE_IDS, _bf16_interpreted, _check, _grads, _leaves
+from tests.ops.gelu_checks import (BACKENDS, DTYPE_IDS, _bf16_interpreted, _check, _grads, _leaves, expect_error,
+                                   run_opcheck)
 
 KERNELS = ("linear_gelu_fwd", "linear_gelu_bwd")
 NAMES = list(KERNELS)
@@ -109,10 +110,7 @@ def _opcheck_cases(device, dtype=torch.float32):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, device, name):
-    require_backend(backend, device, (name,))
-    op = getattr(torch.ops.fastbert, ("triton_" if backend == "triton" else "") + name)
-    for args in _opcheck_cases(device)[name]:
-        torch.library.opcheck(op, args)
+    run_opcheck(backend, device, name, _opcheck_cases(device))
 
 
 def test_linear_gelu_fwd_saves_pre_only_when_asked():
@@ -170,9 +168,7 @@ def BAD_CASES():
 
 @pytest.mark.parametrize("case", BAD_CASES(), ids=lambda c: c[0] if isinstance(c, tuple) else None)
 def test_bad_input_names_the_argument(case):
-    _, call, exc, match = case
-    with pytest.raises(exc, match=match):
-        call()
+    expect_error(case)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
