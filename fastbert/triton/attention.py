@@ -67,6 +67,7 @@ import triton.language as tl
 
 from fastbert import _runtime
 from fastbert._runtime import new_empty
+from fastbert.triton import configs
 
 _LOG2E = 1.4426950408889634
 # kernels can read module globals only when they are constexpr
@@ -203,7 +204,7 @@ def _attention_fwd_kernel(
     sm_scale,                   # softmax scale (1/sqrt(D) by default)
     drop_threshold,             # floor(p * 2^31): 31-bit randoms below it are dropped
     drop_scale,                 # 1 / (1 - p)
-    seq_bucket,                 # max(Sq, Sk) rounded up to a power of two: autotune key only
+    seq_bucket,                 # max(Sq, Sk) rounded up to a power of two: the shape class (configs.py)
     HEAD_D: tl.constexpr,       # head dim D
     BLOCK_D: tl.constexpr,      # D rounded up to a power of two >= 16 (masked)
     BLOCK_M: tl.constexpr,      # query rows per program
@@ -361,7 +362,7 @@ def _attention_bwd_dkdv_kernel(
     H, seqlen_q, seqlen_k,
     sm_scale,                   # softmax scale (dK = scale * dS^T q)
     drop_threshold, drop_scale,
-    seq_bucket,                 # autotune key only (see the forward kernel)
+    seq_bucket,                 # the shape class (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per inner step
     BLOCK_N: tl.constexpr,      # keys per program
@@ -487,7 +488,7 @@ def _attention_bwd_dq_kernel(
     H, seqlen_q, seqlen_k,
     sm_scale,
     drop_threshold, drop_scale,
-    seq_bucket,                 # autotune key only (see the forward kernel)
+    seq_bucket,                 # the shape class (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per program
     BLOCK_N: tl.constexpr,      # keys per inner step
@@ -545,79 +546,37 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# configurations: the interpreter runs one; on a GPU a short list per head dim is autotuned
+# launch configs: fastbert/triton/configs.py's table by default, its candidates under FASTBERT_AUTOTUNE=1
 # ----------------------------------------------------------------------------------------------
 _FLAGS = ["HEAD_D", "PACKED", "HAS_MASK", "HAS_BIAS", "CAUSAL", "DROPOUT"]
+_JIT = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
+# keyed on the sequence length bucket, not the length: a varlen workload whose max_seqlen changes every
+# batch would otherwise re-tune every batch (tensor dtypes are keyed implicitly); results kept on disk
+_AUTOTUNED = {name: triton.autotune(configs=configs.attention_autotune_configs(name), key=_FLAGS + ["seq_bucket"],
+                                    prune_configs_by={"early_config_prune": configs.prune_attention(name)},
+                                    cache_results=True)(fn)
+              for name, fn in _JIT.items()}
 
 
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
-
-def _fwd_configs():
-    if _INTERPRET:
-        return [_cfg(32, 32, 4, 1)]
-    # sm_80/sm_90: 128-row query tiles keep the tensor cores fed; for D > 64 the K/V tiles are
-    # halved so two stages still fit in shared memory. Configs too big for a given D are skipped by
-    # the autotuner (OutOfResources).
-    # The last, small config is the fallback that fits shared memory in every case (fp32, D = 128,
-    # with a bias tile on an A100).
-    return [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 32, 4, 4), _cfg(64, 64, 4, 3),
-            _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4), _cfg(32, 32, 4, 2)]
-
-
-def _dkdv_configs():
-    if _INTERPRET:
-        return [_cfg(32, 32, 4, 1)]
-    # BLOCK_N keys are held for the whole program; queries stream in BLOCK_M chunks
-    return [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3),
-            _cfg(16, 64, 4, 4), _cfg(16, 32, 4, 2)]
-
-
-def _dq_configs():
-    if _INTERPRET:
-        return [_cfg(32, 32, 4, 1)]
-    return [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 4),
-            _cfg(32, 32, 4, 2)]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose tiles dwarf the problem (a 128-row tile for 16 queries wastes the SM)."""
-    n = named_args["seq_bucket"]
-    keep = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(32, n)]
-    return keep or configs[-1:]
-
-
-def _autotuned(kernel, configs):
-    # keyed on the sequence length bucket, not the length: a varlen workload whose max_seqlen
-    # changes every batch would otherwise re-tune every batch (tensor dtypes are keyed implicitly)
-    if len(configs) == 1:
-        return triton.autotune(configs=configs, key=_FLAGS)(kernel)
-    return triton.autotune(configs=configs, key=_FLAGS + ["seq_bucket"],
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
-
-
-_fwd = _autotuned(_attention_fwd_kernel, _fwd_configs())
-_dkdv = _autotuned(_attention_bwd_dkdv_kernel, _dkdv_configs())
-_dq = _autotuned(_attention_bwd_dq_kernel, _dq_configs())
-
-# FASTBERT_TRITON_AUTOTUNE=0 (read per call): one fixed config per kernel that fits shared memory for
-# every head dim and dtype. Autotuning compiles every config for every new flag combination, which a
-# test grid sweeping dtypes x head dims x mask modes on a GPU cannot afford; a model uses a handful.
-_fwd_fixed = triton.autotune(configs=[_cfg(64, 32, 4, 2)], key=_FLAGS)(_attention_fwd_kernel)
-_dkdv_fixed = triton.autotune(configs=[_cfg(32, 64, 4, 2)], key=_FLAGS)(_attention_bwd_dkdv_kernel)
-_dq_fixed = triton.autotune(configs=[_cfg(64, 32, 4, 2)], key=_FLAGS)(_attention_bwd_dq_kernel)
-
-
-def _kernels():
-    if _INTERPRET or _runtime.triton_autotune():
-        return _fwd, _dkdv, _dq
-    return _fwd_fixed, _dkdv_fixed, _dq_fixed
+def _launch(name: str, grid, args, a, device, dtype):
+    """Launch attention kernel `name` with its table config (or through its autotuner)."""
+    flags = a["flags"]
+    if _runtime.triton_autotune() and not _INTERPRET:
+        _AUTOTUNED[name][grid](*args, **flags)
+        return
+    cfg = configs.attention(name, configs.family(device), dtype, flags["BLOCK_D"], a["seq_bucket"],
+                            heavy=flags["HAS_BIAS"] and flags["DROPOUT"])
+    _JIT[name][grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers (signatures = csrc/ops.cpp attention_fwd / attention_bwd)
 # ----------------------------------------------------------------------------------------------
+def seq_bucket(sq: int, sk: int) -> int:
+    """max(Sq, Sk) rounded up to a power of two in [16, 8192]: the shape class configs are chosen by."""
+    return min(max(16, triton.next_power_of_2(max(sq, sk, 1))), 8192)
+
+
 def _strides3(t: torch.Tensor, packed: bool):
     """(batch, token, head) strides of a [B, S, H, D] or packed [total, H, D] tensor."""
     if packed:
@@ -652,7 +611,7 @@ def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, caus
         sm_scale=float(scale),
         drop_threshold=_runtime.dropout_threshold(dropout_p) if dropout else 0,
         drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
-        seq_bucket=min(max(16, triton.next_power_of_2(max(Sq, Sk, 1))), 8192),
+        seq_bucket=seq_bucket(Sq, Sk),
         flags=dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PACKED=packed,
                    HAS_MASK=key_padding_mask is not None, HAS_BIAS=attn_bias is not None,
                    CAUSAL=bool(causal), DROPOUT=dropout),
@@ -680,13 +639,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     if a["B"] == 0 or a["Sq"] == 0 or q.numel() == 0:
         return out, lse
     grid = lambda META: (triton.cdiv(a["Sq"], META["BLOCK_M"]) * a["B"] * a["H"],)  # noqa: E731
-    _kernels()[0][grid](
+    _launch("fwd", grid, (
         q, k, v, out, lse, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
         slb, slh, *a["mstr"], *a["bstr"],
         a["H"], a["Sq"], a["Sk"], a["sm_scale"], a["drop_threshold"], a["drop_scale"], a["seq_bucket"],
-        **a["flags"],
-    )
+    ), a, q.device, q.dtype)
     return out, lse
 
 
@@ -717,18 +675,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     common = (*a["mstr"], *a["bstr"], H, a["Sq"], a["Sk"], a["sm_scale"],
               a["drop_threshold"], a["drop_scale"], a["seq_bucket"])
     grid_kv = lambda META: (triton.cdiv(a["Sk"], META["BLOCK_N"]) * a["B"] * H,)  # noqa: E731
-    _, dkdv_kernel, dq_kernel = _kernels()
-    dkdv_kernel[grid_kv](
+    _launch("dkdv", grid_kv, (
         q, k, v, grad_out, lse, delta, dk, dv, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(grad_out, packed),
         *_strides3(dk, packed), slb, slh, *common,
-        **a["flags"],
-    )
+    ), a, q.device, q.dtype)
     grid_q = lambda META: (triton.cdiv(a["Sq"], META["BLOCK_M"]) * a["B"] * H,)  # noqa: E731
-    dq_kernel[grid_q](
+    _launch("dq", grid_q, (
         q, k, v, grad_out, lse, delta, dq, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(grad_out, packed),
         *_strides3(dq, packed), slb, slh, *common,
-        **a["flags"],
-    )
+    ), a, q.device, q.dtype)
     return dq, dk, dv

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fastbert import _runtime
+from fastbert.triton import configs
 from fastbert.triton._gelu import ACT_IDENTITY
 from fastbert.triton._gelu import ACTIVATION as _ACTIVATIONS
 from fastbert.triton._gelu import gelu as _gelu
@@ -30,52 +31,6 @@ _INTERPRET = _runtime.triton_interpreter()
 # ----------------------------------------------------------------------------------------------
 # GEMM + bias + activation
 # ----------------------------------------------------------------------------------------------
-def _gemm_configs():
-    if _INTERPRET:
-        # The interpreter cannot benchmark configs; one small tile keeps it quick.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
-    cfg = []
-    # Large tiles for the bf16/fp16 tensor-core path (Ampere/Hopper), smaller ones for small
-    # problems and for fp32 IEEE (FMA, register-bound); the autotuner picks per shape bucket.
-    for bm, bn, bk, stages, warps in (
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 8),
-        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 64, 32, 4, 4),
-    ):
-        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                 num_stages=stages, num_warps=warps))
-    return cfg
-
-
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Benchmark only tiles that can win: none larger than the problem (a 256-row tile for 7 rows
-    wastes the launch and the autotuning time), and at fp32 (IEEE products on FMA units, fp32
-    operands in registers) none above 128 x 64 x 32, which spill."""
-    if len(configs) == 1:
-        return configs
-
-    def cap(v):
-        return max(32, triton.next_power_of_2(int(v)))
-
-    m, n, k = cap(named_args["M_BUCKET"]), cap(named_args["N"]), cap(named_args["K"])
-    ieee = kwargs.get("IEEE", named_args.get("IEEE", False))
-    keep = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if bm > m or bn > n or bk > k:
-            continue
-        if ieee and (bm * bn > 128 * 64 or bk > 32):
-            continue
-        keep.append(c)
-    # the smallest tile always fits
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-
-
-@triton.autotune(
-    configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "ACTIVATION", "HAS_BIAS", "SAVE_PRE", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
-)
 @triton.jit
 def _linear_gelu_fwd_kernel(
     X,  # [M, K] input rows, any strides
@@ -84,7 +39,7 @@ def _linear_gelu_fwd_kernel(
     OUT,  # [M, N] activation(X @ W^T + B), written in OUT's dtype
     PRE,  # [M, N] X @ W^T + B before the activation (written only when SAVE_PRE; same strides as OUT)
     M, N, K,  # problem size
-    M_BUCKET,  # next power of two of M: the autotuner's key, so each batch size does not re-tune
+    M_BUCKET,  # next power of two of M: the shape class (config table, autotuner key)
     stride_xm, stride_xk,  # X strides
     stride_wn, stride_wk,  # W strides
     stride_om, stride_on,  # OUT/PRE strides
@@ -147,6 +102,14 @@ def _linear_gelu_fwd_kernel(
         acc = _gelu(acc, True)
     tl.store(OUT + out_off, acc.to(OUT.dtype.element_ty), mask=mask)
 
+# FASTBERT_AUTOTUNE=1: configs.py's candidates, timed per shape bucket, results kept on disk
+_autotuned = triton.autotune(
+    configs=configs.gemm_autotune_configs(),
+    key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "ACTIVATION", "HAS_BIAS", "SAVE_PRE", "IEEE"],
+    prune_configs_by={"early_config_prune": configs.prune_gemm}, cache_results=True,
+)(_linear_gelu_fwd_kernel)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers (inputs are checked by fastbert/ops/linear_gelu.py; outputs come preallocated)
 # ----------------------------------------------------------------------------------------------
@@ -161,13 +124,18 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: t
     if pre is not None:
         assert pre.stride() == out.stride()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    with _on_device(x):
-        _linear_gelu_fwd_kernel[grid](
-            x, w, bias if bias is not None else x, out, pre if pre is not None else out,
+    args = (x, w, bias if bias is not None else x, out, pre if pre is not None else out,
             M, N, K, triton.next_power_of_2(M),
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-            ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_PRE=pre is not None,
-            IEEE=x.dtype == torch.float32)
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1))
+    flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, SAVE_PRE=pre is not None,
+                 IEEE=x.dtype == torch.float32)
+    with _on_device(x):
+        if _runtime.triton_autotune() and not _INTERPRET:
+            _autotuned[grid](*args, **flags)
+        else:
+            cfg = configs.gemm(configs.family(x.device), x.dtype, triton.next_power_of_2(M))
+            _linear_gelu_fwd_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                          num_stages=cfg.num_stages)
     return out
 
 

@@ -1,10 +1,9 @@
 """fastbert.ops.linear_gelu: every backend x device x dtype x shape, forward and backward, against
 fastbert.reference in float64 with the "no worse than PyTorch" rule (interpreter gaps: gelu_checks.py).
 Elsewhere: the cpu/cuda kernels' own cases in test_cpu_backend.py / test_cuda_backend.py; its epilogue
-kernel, bias_gelu, in test_bias_gelu.py; the sm_80/sm_90 compile check of both ops' Triton kernels here.
+kernel, bias_gelu, in test_bias_gelu.py; the sm_80/sm_90a compile of its Triton kernel (tensor cores at
+16 bits, none at fp32) in tests/test_triton_aot.py.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,56 +196,3 @@ def test_float64_runs_on_torch_and_forcing_a_kernel_says_why():
         with fastbert.use_backend("triton"):
             with pytest.raises(backends.BackendUnavailableError, match="dtype torch.float64"):
                 linear_gelu(x, w, b)
-
-
-# ----------------------------------------------------------------------------------------------
-# the kernels compile for real GPUs (the interpreter accepts code the compiler rejects)
-# ----------------------------------------------------------------------------------------------
-_AOT_SCRIPT = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces kernels; compile the real ones
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fastbert.triton.bias_gelu as bg
-import fastbert.triton.linear_gelu as lg
-
-POINTERS = {"X", "W", "B", "OUT", "PRE", "DY", "DX"}
-
-def compile_for(kernel, arch, ptr_dtype, consts, warps=4, stages=3):
-    fn = kernel if hasattr(kernel, "params") else kernel.fn  # unwrap the autotuner
-    sig = {p.name: "constexpr" if p.is_constexpr else ("*" + ptr_dtype if p.name in POINTERS else "i32")
-           for p in fn.params}
-    out = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
-                         options={"num_warps": warps, "num_stages": stages})
-    return out.asm["ptx"]
-
-gemm = dict(HAS_BIAS=True, SAVE_PRE=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
-ptx = compile_for(lg._linear_gelu_fwd_kernel, 90, "bf16", dict(gemm, ACTIVATION=1, IEEE=False))
-assert "wgmma" in ptx, "bf16 GEMM on sm_90 does not use wgmma"
-ptx = compile_for(lg._linear_gelu_fwd_kernel, 80, "fp32", dict(gemm, ACTIVATION=0, IEEE=True, HAS_BIAS=False,
-                                                                 SAVE_PRE=False))
-assert "mma" not in ptx, "fp32 GEMM uses tensor cores (TF32) despite IEEE"
-ew = dict(HAS_BIAS=True, BLOCK_R=4, BLOCK_N=1024)
-compile_for(bg._bias_gelu_fwd_kernel, 80, "fp16", dict(ew, TANH=False))
-compile_for(bg._bias_gelu_bwd_kernel, 90, "bf16", dict(ew, TANH=True))
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_sm80_and_sm90(tmp_path):
-    """Compile (no GPU needed) the GEMM for sm_90 at bf16 (must use wgmma) and for sm_80 at fp32 (must
-    not use tensor cores: IEEE, no TF32), and the elementwise kernels, with Triton's bundled ptxas."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as e:  # a Triton build without the NVIDIA backend
-        pytest.skip(f"Triton has no NVIDIA backend here: {e}")
-    # a fresh cache dir: really compile, every time
-    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr.lower():
-        pytest.skip("Triton's ptxas is not available here")
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-4000:]
