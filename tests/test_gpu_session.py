@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                     "compile it (minutes), which the rehearsal does not do")
 def test_window_rehearsal_on_cpu(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PY=os.environ.get("PY", __import__("sys").executable), XDIST="2",
+    env = dict(os.environ, OUT=str(out), PY=os.environ.get("PY", __import__("sys").executable), XDIST="0",
                HEADLINE_COMPILE="0", TAIL="5", WINDOW_S="900")
     env.pop("TRITON_INTERPRET", None)  # the bench refuses the interpreter; the dry run uses the C++ backend
     env.pop("PYTEST_XDIST_WORKER", None)

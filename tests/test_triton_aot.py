@@ -113,3 +113,26 @@ def test_gemm_and_gelu_kernels_compile_for_sm80_and_sm90a(tmp_path):
         pytest.skip("Triton's ptxas is not available here")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "6 variants" in r.stdout and "0 with problems" in r.stdout, r.stdout
+
+
+def test_autotune_prunes_to_the_family_dtype_and_head_dim(monkeypatch):
+    """FASTBERT_AUTOTUNE=1's autotuners hold every family's candidates; their prune keeps this device's
+    (the family is faked here: without a GPU there is none), clamped to short sequences."""
+    import torch
+
+    from fastbert.triton import configs
+
+    monkeypatch.setattr(configs, "family", lambda device: "sm90")
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for kernel in configs.ATTENTION_KERNELS:
+        every = configs.attention_autotune_configs(kernel)
+        kept = configs.prune_attention(kernel)(every, dict(Q=q, seq_bucket=8192), BLOCK_D=64)
+        want = {c for c in configs.attention_candidates(kernel, "sm90", "16", 64)}
+        assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == want
+        short = configs.prune_attention(kernel)(every, dict(Q=q, seq_bucket=16), BLOCK_D=64)
+        assert short and all(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 32 for c in short)
+    x = torch.empty(1, dtype=torch.float32)
+    kept = configs.prune_gemm(configs.gemm_autotune_configs(), dict(X=x, M_BUCKET=64))
+    assert kept and all(c.kwargs["BLOCK_M"] <= 64 for c in kept)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in kept} <= set(configs.gemm_candidates("32"))

@@ -171,12 +171,11 @@ def prune_attention(kernel: str):
         fam = family(q.device)
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         seq_bucket = named_args["seq_bucket"]
-        allowed = {_clamp(*c, seq_bucket) for c in attention_candidates(kernel, fam, dtype_class(q.dtype), block_d)}
-        keep = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
-        if not keep:
-            keep = [attention(kernel, fam, q.dtype, block_d, seq_bucket)]
-        return keep
+        # the candidates, clamped to short sequences as the table is (new Config objects: the autotuner
+        # times whatever the prune returns)
+        allowed = dict.fromkeys(_clamp(*c, seq_bucket)
+                                for c in attention_candidates(kernel, fam, dtype_class(q.dtype), block_d))
+        return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, w, s in allowed]
     return prune
 
 
