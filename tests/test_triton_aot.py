@@ -82,6 +82,11 @@ def test_checks_fail_what_they_must():
     spill = T.Result(v, True, 1.0, regs=255, spill=8, shared=1024)
     T.check(spill, 0, None)
     assert any("spills 8 B" in p for p in spill.problems)
+    v32 = T.Variant("_attention_fwd_kernel", 80, "fp32", (("BLOCK_M", 64),), 4, 2, "sm80 default")
+    small, big = (T.Result(v32, True, 1.0, regs=255, spill=n, shared=1024) for n in (T.MAX_SPILL_FP32, 1024))
+    T.check(small, 0, None)
+    T.check(big, 0, None)
+    assert not small.problems and big.problems
     broken = T.Result(v, False, 1.0, error="CompilationError: at 3:4")
     T.check(broken, 0, None)
     assert broken.problems == ["compile error: CompilationError: at 3:4"]

@@ -65,26 +65,26 @@ _ATTENTION: Dict[str, Dict[str, Dict[Tuple[str, int], Tuple[int, int, int, int]]
     "sm90": {
         "fwd": {("16", 16): (128, 64, 8, 3), ("16", 32): (128, 64, 8, 3), ("16", 64): (128, 64, 8, 3),
                 ("16", 128): (128, 32, 8, 3),
-                ("32", 16): (64, 32, 8, 2), ("32", 32): (64, 32, 8, 2), ("32", 64): (64, 32, 8, 2),
+                ("32", 16): (32, 32, 8, 2), ("32", 32): (32, 32, 8, 2), ("32", 64): (32, 32, 8, 2),
                 ("32", 128): (32, 16, 8, 2)},
         "dkdv": {("16", 16): (32, 128, 8, 3), ("16", 32): (32, 128, 8, 3), ("16", 64): (32, 128, 8, 3),
                  ("16", 128): (32, 64, 8, 3),
                  ("32", 16): (32, 32, 8, 2), ("32", 32): (32, 32, 8, 2), ("32", 64): (32, 32, 8, 2),
-                 ("32", 128): (16, 64, 8, 2)},
+                 ("32", 128): (16, 16, 8, 2)},
         "dq": {("16", 16): (128, 32, 8, 3), ("16", 32): (128, 32, 8, 3), ("16", 64): (128, 32, 8, 3),
                ("16", 128): (128, 32, 8, 3),
-               ("32", 16): (64, 32, 8, 2), ("32", 32): (64, 32, 8, 2), ("32", 64): (64, 32, 8, 2),
+               ("32", 16): (32, 32, 8, 2), ("32", 32): (32, 32, 8, 2), ("32", 64): (32, 32, 8, 2),
                ("32", 128): (16, 32, 8, 2)},
     },
     "sm80": {
         "fwd": {("16", 16): (64, 32, 4, 2), ("16", 32): (64, 32, 4, 2), ("16", 64): (64, 32, 4, 2),
                 ("16", 128): (128, 32, 8, 2),
-                ("32", 16): (64, 32, 8, 2), ("32", 32): (64, 32, 8, 2), ("32", 64): (64, 32, 8, 2),
+                ("32", 16): (32, 32, 8, 2), ("32", 32): (32, 32, 8, 2), ("32", 64): (32, 32, 8, 2),
                 ("32", 128): (32, 16, 8, 2)},
         "dkdv": {("16", 16): (32, 32, 8, 2), ("16", 32): (32, 32, 8, 2), ("16", 64): (32, 32, 8, 2),
                  ("16", 128): (32, 64, 8, 2),
                  ("32", 16): (32, 32, 8, 2), ("32", 32): (32, 32, 8, 2), ("32", 64): (32, 32, 8, 2),
-                 ("32", 128): (16, 64, 8, 2)},
+                 ("32", 128): (16, 16, 8, 2)},
         "dq": {("16", 16): (64, 32, 8, 2), ("16", 32): (64, 32, 8, 2), ("16", 64): (64, 32, 8, 2),
                ("16", 128): (64, 32, 8, 2),
                ("32", 16): (32, 32, 8, 2), ("32", 32): (32, 32, 8, 2), ("32", 64): (32, 32, 8, 2),
@@ -102,12 +102,10 @@ SEQ_BUCKETS = (16, 32, 64, 128)
 
 def _clamp(bm: int, bn: int, warps: int, stages: int, seq_bucket: int):
     """A short sequence gets tiles no larger than itself (at least 32): a 128-row tile for 16 queries
-    wastes the SM. Small tiles get at most 4 warps."""
+    wastes the SM. The warps stay: with dropout, 4 warps on a clamped 32 x 64 tile spill (76 B at
+    sm_90a), 8 do not."""
     cap = max(32, seq_bucket)
-    if max(bm, bn) <= cap:
-        return bm, bn, warps, stages
-    bm, bn = min(bm, cap), min(bn, cap)
-    return bm, bn, (min(warps, 4) if bm * bn <= 64 * 64 else warps), stages
+    return min(bm, cap), min(bn, cap), warps, stages
 
 
 def _lighten(kernel: str, bm: int, bn: int, warps: int, stages: int):
@@ -195,12 +193,16 @@ GROUP_M = 8
 ROW_BUCKETS = (16, 32, 64, 128)
 
 
-def gemm(fam: str, dtype, m_bucket: int) -> triton.Config:
-    """The launch config of the linear_gelu GEMM for M rows (m_bucket: M rounded up to a power of two)."""
+def gemm(fam: str, dtype, m_bucket: int, tanh: bool = False) -> triton.Config:
+    """The launch config of the linear_gelu GEMM for M rows (m_bucket: M rounded up to a power of two).
+    The tanh GELU's epilogue (exp, a correctly rounded division) needs more registers than erf's: half
+    the rows (128 x 128 spills 516 B a thread at sm_90a with it, 64 x 128 none)."""
     if fam == "interp":
         bm, bn, bk, warps, stages = _GEMM_INTERP
     else:
         bm, bn, bk, warps, stages = _GEMM[fam][dtype_class(dtype)]
+        if tanh:
+            bm = max(32, bm // 2)
         bm = min(bm, max(32, m_bucket))
     return _cfg(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
 

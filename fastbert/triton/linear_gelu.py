@@ -133,7 +133,8 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: t
         if _runtime.triton_autotune() and not _INTERPRET:
             _autotuned[grid](*args, **flags)
         else:
-            cfg = configs.gemm(configs.family(x.device), x.dtype, triton.next_power_of_2(M))
+            cfg = configs.gemm(configs.family(x.device), x.dtype, triton.next_power_of_2(M),
+                               tanh=activation == _ACTIVATIONS["tanh"])
             _linear_gelu_fwd_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                           num_stages=cfg.num_stages)
     return out
