@@ -58,11 +58,14 @@ $(VENV_OLDEST)/.deps: $(VENV)/.deps
 	$(PY_OLDEST) -m pip install -q --no-deps $(CHECKPOINT) || echo "$(CHECKPOINT) not installed: the real-checkpoint tests will skip"
 	touch $@
 
-# torch (the CPU build .venv has) for the kernel modules' imports, and the GPU machine's Triton
+# the GPU machine's Triton; torch (the kernel modules import it) comes from .venv, whose packages a .pth
+# file puts behind this venv's own: its Triton is found first, and no second torch is installed
 $(VENV_TRITON_GPU)/.deps: $(VENV)/.deps
 	$(PYTHON) -m venv $(VENV_TRITON_GPU)
-	$(VENV_TRITON_GPU)/bin/python -m pip install -q "triton==$(GPU_TRITON)" numpy \
-	    "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(VENV_TRITON_GPU)/bin/python -m pip install -q "triton==$(GPU_TRITON)" numpy
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	    "$$($(VENV_TRITON_GPU)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/fastbert-venv.pth"
+	$(VENV_TRITON_GPU)/bin/python -c "import triton, torch; assert triton.__version__ == '$(GPU_TRITON)', triton.__version__"
 	touch $@
 
 setup: $(VENV)/.deps
