@@ -12,9 +12,10 @@ can have, so one table serves the whole family. The interpreter runs one small t
 
 How the numbers were chosen: `python tools/triton_aot.py` compiles every config below for sm_80 and
 sm_90a without a GPU and reports registers, spills and shared memory (docs/triton-resources.md); an
-entry is the largest tile the published FlashAttention-2 / Triton-tutorial configs suggest that
-compiles without spills (16-bit) at that head dim. They are not yet timed on a GPU: the GPU session
-(tools/gpu_session.sh) runs the autotuner once (FASTBERT_AUTOTUNE=1) to check them.
+entry is the largest of the tiles published FlashAttention-2 / Triton-tutorial configs use that
+compiles without spills (16-bit) at that head dim, on the flag sets models launch. None is timed on a
+GPU yet: the GPU window's benchmark rows time them, and FASTBERT_AUTOTUNE=1 there compares them with
+the candidates.
 
 This module imports only triton, torch and fastbert._runtime, like the kernels that use it.
 """
@@ -128,7 +129,7 @@ def attention(kernel: str, fam: str, dtype, block_d: int, seq_bucket: int, heavy
     return _cfg(warps, stages, BLOCK_M=bm, BLOCK_N=bn)
 
 
-# FASTBERT_AUTOTUNE=1: candidates per kernel, filtered per call by _attention_fits (the table's own
+# FASTBERT_AUTOTUNE=1: candidates per kernel, narrowed per call by prune_attention (the table's own
 # entry is always among them)
 _ATTENTION_CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (128, 32, 8, 2),
@@ -141,8 +142,8 @@ _ATTENTION_CANDIDATES = {
 
 
 def attention_candidates(kernel: str, fam: str, dclass: str, block_d: int) -> List[Tuple[int, int, int, int]]:
-    """The autotuner's candidates for one (family, dtype class, head-dim block), largest first: those
-    no larger (in tile area x head dim) than twice the table's entry, and the entry itself."""
+    """The autotuner's candidates for one (family, dtype class, head-dim block): the table's entry and
+    every candidate whose tile area is at most twice the entry's (larger ones spill or do not fit)."""
     entry = _ATTENTION[fam][kernel][(dclass, block_d)]
     budget = 2 * entry[0] * entry[1]
     out = [c for c in _ATTENTION_CANDIDATES[kernel] if c[0] * c[1] <= budget]
