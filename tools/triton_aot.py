@@ -538,9 +538,10 @@ rerunning replaces that version's section). Each row is one compiled variant: th
 comes from (a family's table in fastbert/triton/configs.py, an autotune candidate, or a fixed launcher
 rule), and what ptxas reported: registers per thread, spill stores + loads (bytes), shared memory per
 block (bytes, from Triton's metadata), compile seconds on the machine named. Table configs must not
-spill at 16 bits (at fp32, up to MAX_SPILL_FP32 bytes: see the tool); shared memory must fit the arch's per-block limit (227 KiB sm_90, 163 KiB sm_80, and 99 KiB for
-the sm80 table, which also serves sm_86/sm_89). Integer arguments are compiled as the JIT specialises
-them at model shapes (see NOT_DIV16 and UNITS in the tool).
+spill at 16 bits (at fp32, up to MAX_SPILL_FP32 bytes: see the tool); shared memory must fit the
+arch's per-block limit (227 KiB sm_90, 163 KiB sm_80, and 99 KiB for the sm80 table, which also serves
+sm_86/sm_89). Integer arguments are compiled as the JIT specialises them at model shapes (see
+NOT_DIV16 and UNITS in the tool).
 """
 
 

@@ -117,6 +117,7 @@ def _lighten(kernel: str, bm: int, bn: int, warps: int, stages: int):
     return max(16, bm // 2), bn, warps, stages
 
 
+@functools.lru_cache(maxsize=None)  # called per launch: one Config object per shape class
 def attention(kernel: str, fam: str, dtype, block_d: int, seq_bucket: int, heavy: bool = False) -> triton.Config:
     """The launch config of attention kernel `kernel` ("fwd", "dkdv", "dq"); heavy: HAS_BIAS and DROPOUT."""
     if fam == "interp":
@@ -194,6 +195,7 @@ GROUP_M = 8
 ROW_BUCKETS = (16, 32, 64, 128)
 
 
+@functools.lru_cache(maxsize=None)
 def gemm(fam: str, dtype, m_bucket: int, tanh: bool = False) -> triton.Config:
     """The launch config of the linear_gelu GEMM for M rows (m_bucket: M rounded up to a power of two).
     The tanh GELU's epilogue (exp, a correctly rounded division) needs more registers than erf's: half
