@@ -34,14 +34,13 @@ def _nvidia_backend():
 
 
 def test_every_triton_kernel_is_compiled_by_the_ci_set():
-    import triton
-
     T = _tool()
     kernels = set()
     for mod in ("attention", "add_layer_norm", "bias_gelu", "linear_gelu"):
         m = importlib.import_module(f"fastbert.triton.{mod}")
-        kernels |= {n for n, f in vars(m).items() if isinstance(f, triton.runtime.jit.JITFunction)
-                    and n.endswith("_kernel")}
+        # JITFunction, or InterpretedFunction when the module was imported under TRITON_INTERPRET=1
+        kernels |= {n for n, f in vars(m).items()
+                    if type(f).__name__ in ("JITFunction", "InterpretedFunction") and n.endswith("_kernel")}
     assert kernels == set(T._FNS), "a Triton kernel the tool does not know (add it to tools/triton_aot.py)"
     for arch in (80, 90):
         assert {v.kernel for v in T.ci_variants([arch])} == kernels
