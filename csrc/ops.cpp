@@ -57,6 +57,12 @@ TORCH_LIBRARY(fastbert, m) {
       "linear_gelu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor pre, "
       "str approximate) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
+  // CPU inference GEMM on a weight packed once (csrc/cpu/gemm.cpp; AVX2 + FMA builds only): packed =
+  // cpu_pack_weight(W) for an nn.Linear weight W [n, K] (packed as fp32); out = epilogue(x @ W^T + bias) with
+  // epilogue "none", "gelu" (exact erf) or "gelu_tanh"; x fp32/bf16/fp16 (out in its dtype), summed in fp32.
+  m.def("cpu_pack_weight(Tensor weight) -> Tensor");
+  m.def("cpu_packed_linear(Tensor x, Tensor packed, int n, Tensor? bias, str epilogue) -> Tensor");
+
   // softmax(q k^T * scale + mask) v. Padded: q [B, Sq, H, D], k/v [B, Sk, H, D] (strided views, unit
   // stride along D), lse fp32 [B, H, Sq]. Packed (cu_seqlens int32 [B+1]): q/k/v [total, H, D],
   // lse fp32 [H, total]. key_padding_mask: bool [B, Sk], True = real token. attn_bias: float,

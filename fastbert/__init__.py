@@ -68,6 +68,9 @@ def _environment_lines():
             why = backends.device_reasons(b, dev)
             parts.append(f"{b}" + (f" [no: {'; '.join(why)}]" if why else " [yes]"))
         lines.append(f"  {dev_type}: " + " -> ".join(parts))
+    from fastbert.ops import cpu_gemm
+
+    lines.extend(cpu_gemm.describe())
     return lines
 
 

@@ -10,6 +10,14 @@ import torch  # noqa: E402  (importing torch does not import triton)
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# the model tests run fastbert's CPU GEMM kernel wherever it exists ("auto" would choose it or ATen's
+# GEMM by timing, so the path a test took would depend on the machine's load); tests/ops/test_cpu_gemm.py
+# covers "aten" and "auto"
+from fastbert.ops import cpu_gemm  # noqa: E402
+
+if cpu_gemm.kernel_status()[0]:
+    os.environ.setdefault("FASTBERT_CPU_GEMM", "fastbert")
+
 # fp32 means IEEE fp32: no TF32 in the PyTorch references either
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

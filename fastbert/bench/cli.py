@@ -8,7 +8,8 @@ DIR/results.md and PNG plots. Defaults depend on the device:
        a varlen workload per shape; modes infer, train; dtypes float16, bfloat16, float32;
        ops at BERT-base shapes on the same grid, modes fwd, bwd and fwd+bwd.
   CPU  models bert-base, minilm-l6; B in {1, 8}, S = 128 (+ varlen); infer; float32;
-       ops at BERT-base shapes, B in {1, 8}, S = 128, modes fwd, bwd and fwd+bwd.
+       ops at BERT-base shapes, B in {1, 8}, S = 128, modes fwd, bwd and fwd+bwd, and the layer's
+       four GEMMs on each CPU GEMM library (fwd).
   --quick  GPU: bert-base and minilm-l6, B = 8, S in {128, 512}, bfloat16, infer + train, no compile.
            CPU: minilm-l6 and bert-base, B = 1, S = 128, infer, float32, no torch.compile; ops fwd.
 Every option overrides the default it names.
@@ -96,9 +97,10 @@ def apply_defaults(args, dev: str) -> None:
     if args.dtypes is None:
         args.dtypes = (["bfloat16"] if q else ["float16", "bfloat16", "float32"]) if gpu else ["float32"]
     if args.ops is None:
-        from fastbert.bench.opbench import OPS
+        from fastbert.bench.opbench import GEMMS, OPS
 
-        args.ops = list(OPS)
+        # the GEMM library rows compare CPU GEMM libraries; a GPU run has no use for them
+        args.ops = [op for op in OPS if not (gpu and op in GEMMS)]
     elif args.ops == ["none"]:
         args.ops = []
     if args.op_batch is None:

@@ -15,12 +15,19 @@ def _varlens(args, op):
     return [False, True] if (op == "attention" and not args.no_varlen) else [False]
 
 
+def _modes(args, op):
+    """The GEMM rows time inference only (fwd), the other ops every mode asked for."""
+    from fastbert.bench import opbench as O
+
+    return [m for m in args.op_modes if m == "fwd"] if op in O.GEMMS else list(args.op_modes)
+
+
 def op_jobs(args) -> int:
     """How many rows run_ops writes (for the progress bar)."""
     from fastbert.bench import opbench as O
 
     shapes = len(args.op_batch) * len(args.op_seq)
-    return sum(len(O.op_provider_names(op)) * shapes * len(_varlens(args, op)) * len(args.op_modes)
+    return sum(len(O.op_provider_names(op)) * shapes * len(_varlens(args, op)) * len(_modes(args, op))
                * len(args.dtypes) for op in args.ops)
 
 
@@ -44,7 +51,7 @@ def run_ops(args, device, env, rows, bar) -> None:
         lengths = M.varlen_lengths(b, s) if varlen else [s] * b
         case = None
         provs = O.op_provider_names(op)
-        for mode in args.op_modes:
+        for mode in _modes(args, op):
             bar.set_postfix_str(f"{op} {dname} {mode} B{b} S{s}", refresh=False)
             common = dict(kind="op", name=op, mode=mode, dtype=dname, batch=b, seq=s, varlen=varlen)
             try:

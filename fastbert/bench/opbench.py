@@ -11,6 +11,14 @@
   linear_gelu     linear_gelu(x, W, b) against F.gelu(F.linear(x, W, b)) and against F.linear alone
                   (the GEMM a fused epilogue should cost nothing on top of)
   bias_gelu       bias_gelu(x, b) against F.gelu(x + b)
+  gemm_qkv, gemm_o, gemm_ffn_in, gemm_ffn_out
+                  the layer's four GEMMs, x @ W^T (no bias, no activation; inference, "fwd" only), on each
+                  GEMM library this machine offers: torch-linear (F.linear: MKL on x86 CPUs, what HF
+                  runs), onednn-packed (torch.ops.mkldnn._linear_pointwise on a weight packed once by
+                  _reorder_linear_weight), fastbert-packed (fastbert's kernel, csrc/cpu/gemm.cpp, on its
+                  packed weight) and fastbert-chosen (what the fused layer runs: fastbert/ops/cpu_gemm.py's
+                  choice between its kernel and ATen's GEMM for this shape). CPU only, fp32 or 16-bit;
+                  the fastest provider of a row is this machine's fastest measured GEMM for that shape.
 
 Modes: "fwd" = an inference forward (no autograd graph); "bwd" = the backward alone, replayed from a
 retained graph with a fixed upstream gradient; "fwd+bwd" = what the op costs in a training step: a
@@ -44,7 +52,15 @@ from fastbert import reference
 from fastbert.bench import providers as P
 from fastbert.bench import timing
 
-OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu")
+GEMMS = ("gemm_qkv", "gemm_o", "gemm_ffn_in", "gemm_ffn_out")
+OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu") + GEMMS
+GEMM_PROVIDERS = ("torch-linear", "onednn-packed", "fastbert-packed", "fastbert-chosen")
+
+
+def gemm_shape(op: str, hidden: int, inter: int):
+    """(N, K) of one of the layer's GEMMs."""
+    return {"gemm_qkv": (3 * hidden, hidden), "gemm_o": (hidden, hidden), "gemm_ffn_in": (inter, hidden),
+            "gemm_ffn_out": (hidden, inter)}[op]
 MODES = ("fwd", "bwd", "fwd+bwd")
 SDPA_BACKENDS = ("math", "flash", "efficient", "cudnn")
 
@@ -60,6 +76,8 @@ def op_provider_names(op: str) -> List[str]:
         return fast + ["torch-linear+gelu", "torch-linear"]
     if op == "bias_gelu":
         return fast + ["torch-add+gelu"]
+    if op in GEMMS:
+        return list(GEMM_PROVIDERS)
     raise ValueError(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
@@ -139,14 +157,68 @@ def make_case(op: str, dims: tuple, batch: int, seq: int, lengths, dtype, device
         make = lambda: (rnd(batch, seq, inter), b)  # noqa: E731
         cfg = dict(grad_idx=(0, 1), flops_fwd=None, bytes_fwd=2.0 * T * inter * e, flops_bwd=None,
                    bytes_bwd=3.0 * T * inter * e)
+    elif op in GEMMS:
+        n_out, k_in = gemm_shape(op, hidden, inter)
+        per_set = T * k_in * e
+        w = rnd(n_out, k_in, scale=k_in ** -0.5)
+        make = lambda: (rnd(batch, seq, k_in), w)  # noqa: E731
+        cfg = dict(grad_idx=(), flops_fwd=2.0 * T * n_out * k_in, bytes_fwd=None, flops_bwd=None, bytes_bwd=None)
     else:
         raise ValueError(f"--ops: unknown op {op!r}")
     n = n_sets or timing.rotation_count(per_set, torch.device(device))
     return Case(op, [make() for _ in range(n)], valid, **cfg)
 
 
+def _gemm_fn(provider: str, device: torch.device) -> Callable:
+    """x @ W^T on one GEMM library; packing (where there is one) happens once, outside the timed calls."""
+    if provider == "torch-linear":
+        return lambda x, w: F.linear(x, w)
+    if device.type != "cpu":
+        raise Skip(f"{provider} is a CPU GEMM")
+    packs = {}
+
+    def packed(w, make):
+        if id(w) not in packs:
+            packs[id(w)] = (w, make(w))  # w kept alive, so its id stays its own
+        return packs[id(w)][1]
+
+    if provider == "onednn-packed":
+        mk = getattr(torch.ops, "mkldnn", None)
+        if not (torch.backends.mkldnn.is_available() and hasattr(mk, "_reorder_linear_weight")
+                and hasattr(mk, "_linear_pointwise")):
+            raise Skip("this torch has no oneDNN linear entry points (torch.ops.mkldnn._linear_pointwise)")
+
+        def run(x, w):
+            pw = packed(w, lambda t: mk._reorder_linear_weight(t, x.numel() // x.shape[-1]))
+            return mk._linear_pointwise(x, pw, None, "none", [], "")
+        return run
+    from fastbert.ops import cpu_gemm
+
+    ok, why = cpu_gemm.kernel_status()
+    if provider == "fastbert-packed":
+        if not ok:
+            raise Skip(why)
+
+        def run(x, w):
+            pw = packed(w, torch.ops.fastbert.cpu_pack_weight)
+            x2 = x.reshape(-1, x.shape[-1])
+            return torch.ops.fastbert.cpu_packed_linear(x2, pw, w.shape[0], None, "none").view(*x.shape[:-1], -1)
+        return run
+    if provider == "fastbert-chosen":
+        cache = cpu_gemm.PackedWeight()
+
+        def run(x, w):
+            if not cpu_gemm.eligible(x, w, None):
+                raise Skip("not a CPU inference GEMM fastbert/ops/cpu_gemm.py serves")
+            return cpu_gemm.linear(x, w, None, "none", cache=cache, key=(id(w),), aten=lambda: F.linear(x, w))
+        return run
+    raise ValueError(f"unknown GEMM provider {provider!r}")
+
+
 def provider_fn(op: str, provider: str, device: torch.device, heads: int) -> Callable:
     """A callable taking one input set and returning the op's output (raises Skip if it cannot run)."""
+    if op in GEMMS:
+        return _gemm_fn(provider, device)
     if provider.startswith("fastbert-"):
         backend = provider.split("-", 1)[1]
         why = P.backend_unavailable(backend, device)
@@ -211,6 +283,8 @@ def reference_fn(op: str, provider: str) -> Callable:
         return lambda x, w, b: reference.linear_gelu(x, w, b)
     if op == "bias_gelu":
         return lambda x, b: reference.bias_gelu(x, b)
+    if op in GEMMS:
+        return lambda x, w: F.linear(x, w)
     raise ValueError(op)
 
 
@@ -327,6 +401,8 @@ def _prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.d
     args0 = _args(case, 0, varlen, sdpa)
     ref_args = tuple(t.detach().double() if t.is_floating_point() else t for t in _args(case, 0, varlen, False))
 
+    if case.op in GEMMS and mode != "fwd":
+        raise Skip("the GEMM rows time inference (fwd) only")
     if mode == "fwd":
         try:
             with torch.no_grad():

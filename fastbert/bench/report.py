@@ -71,7 +71,8 @@ def model_baseline(kind: str, name: str) -> str:
     if kind == "model":
         return "hf-sdpa"
     return {"attention": "torch-sdpa-math", "add_layer_norm": "torch-add+layer_norm",
-            "linear_gelu": "torch-linear+gelu", "bias_gelu": "torch-add+gelu"}.get(name, "")
+            "linear_gelu": "torch-linear+gelu", "bias_gelu": "torch-add+gelu"}.get(
+                name, "torch-linear" if name.startswith("gemm_") else "")
 
 
 def speedups(rows: List[dict]) -> Dict[int, float]:

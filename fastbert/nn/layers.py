@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import backends, ops
+from fastbert.ops import cpu_gemm
 
 _LAYER_OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu")
 
@@ -180,9 +181,16 @@ class FusedQKV:
         self._key = None
         self._w = None
         self._b = None
+        self.packed = cpu_gemm.PackedWeight()  # the CPU GEMM kernel's copy of the cached fused weight
+
+    @property
+    def key(self):
+        """The key of the cached fused weight (valid right after a `get` that cached)."""
+        return self._key
 
     def invalidate(self) -> None:
         self._key = self._w = self._b = None
+        self.packed.invalidate()
 
     @staticmethod
     def _fuse(lins):
@@ -212,13 +220,10 @@ class FusedQKV:
 # functional pieces
 # ----------------------------------------------------------------------------------------------
 def _three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
-    """CPU fp32 inference: the QKV projection as three GEMMs (see _qkv_three_gemms). Not under autograd
-    (out= is not differentiable), torch.compile or autocast, and not on GPUs, where one GEMM wins."""
-    if h.device.type != "cpu" or h.dtype != torch.float32 or w.dtype != torch.float32:
-        return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False
-    return not (torch.is_grad_enabled() and (h.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))
+    """CPU inference: the QKV projection on fastbert's CPU GEMM or on ATen's (as three GEMMs, see
+    _qkv_three_gemms), whichever is faster (fastbert/ops/cpu_gemm.py). Not under autograd (out= is not
+    differentiable) or torch.compile, and not on GPUs, where one GEMM wins."""
+    return cpu_gemm.eligible(h, w, b)
 
 
 def _qkv_three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], hidden: int) -> torch.Tensor:
@@ -243,7 +248,10 @@ def _self_attention(h: torch.Tensor, parts: Tuple[LinearParts, LinearParts, Line
     hidden = w.shape[0] // 3
     d = hidden // heads
     if _three_gemms(h, w, b):
-        x = _qkv_three_gemms(h, w, b, hidden)
+        # ATen's path: three GEMMs into the output (out= has no autocast rule: F.linear under autocast)
+        aten = ((lambda: F.linear(h, w, b)) if torch.is_autocast_enabled("cpu")
+                else (lambda: _qkv_three_gemms(h, w, b, hidden)))
+        x = cpu_gemm.linear(h, w, b, "none", cache=cache.packed, key=cache.key, aten=aten)
     else:
         x = F.linear(h, w, b)  # [..., 3 * hidden]: [q heads | k heads | v heads]
     if any(p.low_rank for p in parts):  # low-rank updates of q / k / v: added to their slices of the one GEMM
@@ -269,10 +277,24 @@ def _add_ln(x: torch.Tensor, x_bias: Optional[torch.Tensor], residual: torch.Ten
     return ops.add_layer_norm(x, ln.weight, ln.bias, residual=residual, x_bias=x_bias, eps=ln.eps, dropout_p=dropout_p)
 
 
-def _projection(x: torch.Tensor, parts: LinearParts) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _linear(x: torch.Tensor, parts: LinearParts, bias: Optional[torch.Tensor], packed: cpu_gemm.PackedWeight,
+            epilogue: str = "none", aten: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+    """epilogue(x @ W^T + bias) of one Linear slot (no low-rank terms): on CPU fp32 inference through
+    fastbert/ops/cpu_gemm.py (its packed copy of W in `packed`), else `aten()` (default F.linear)."""
+    w = parts.linear.weight
+    if aten is None:
+        aten = lambda: F.linear(x, w, bias)  # noqa: E731
+    if not cpu_gemm.eligible(x, w, bias):
+        return aten()
+    key = cpu_gemm.param_key(w) + (parts.cache_token,)
+    return cpu_gemm.linear(x, w, bias, epilogue, cache=packed, key=key, aten=aten)
+
+
+def _projection(x: torch.Tensor, parts: LinearParts, packed: cpu_gemm.PackedWeight
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x @ W^T plus the low-rank updates, the bias left for the add_layer_norm epilogue)."""
     lin, terms = parts.linear, parts.low_rank
-    y = F.linear(x, lin.weight)
+    y = _linear(x, parts, None, packed)
     return (_add_low_rank(y, x, terms) if terms else y), lin.bias
 
 
@@ -381,6 +403,8 @@ class FastBertLayer(nn.Module):
             activation = _ACTIVATION_FROM_CONFIG[0](config, layout.act_config)
         self._act_kind = activation
         self.qkv = FusedQKV()
+        # the CPU GEMM kernel's packed copies of the other three weights (fastbert/ops/cpu_gemm.py)
+        self.packed = {slot: cpu_gemm.PackedWeight() for slot in ("o", "ffn_in", "ffn_out")}
         self.num_heads = int(get_path(att, layout.heads))
 
     @classmethod
@@ -411,10 +435,12 @@ class FastBertLayer(nn.Module):
         if kind is not None and kind[0] == "gelu":
             a, w, b = _autocast(a.device.type, a, lin.weight, lin.bias)
             if not terms:
-                return ops.linear_gelu(a, w, b, approximate=kind[1])
+                epilogue = "gelu_tanh" if kind[1] == "tanh" else "gelu"
+                return _linear(a, parts, b, self.packed["ffn_in"], epilogue,
+                               aten=lambda: ops.linear_gelu(a, w, b, approximate=kind[1]))
             y = _add_low_rank(F.linear(a, w), a, terms)  # GELU(a W^T + update + b): bias in the epilogue
             return ops.bias_gelu(y, b.to(y.dtype) if b is not None else None, approximate=kind[1])
-        y = F.linear(a, lin.weight, lin.bias)
+        y = _linear(a, parts, lin.bias, self.packed["ffn_in"]) if not terms else F.linear(a, lin.weight, lin.bias)
         if terms:
             y = _add_low_rank(y, a, terms)
         if kind is not None and kind[0] == "relu":
@@ -434,10 +460,10 @@ class FastBertLayer(nn.Module):
         p_att = _dropout_p(get_path(att, L.attn_dropout)) if train else 0.0
         ctx = _self_attention(h, parts, self.qkv, int(get_path(att, L.heads)), getattr(att, "scaling", None), p_att,
                               attention_mask, cu_seqlens, max_seqlen)
-        y, bias = _projection(ctx, self.linear(L.o))
+        y, bias = _projection(ctx, self.linear(L.o), self.packed["o"])
         a = _add_ln(y, bias, h, self.at(L.ln1), _dropout_p(self.at(L.drop1)) if train else 0.0)
         f = self._ffn(a)
-        y, bias = _projection(f, self.linear(L.ffn_out))
+        y, bias = _projection(f, self.linear(L.ffn_out), self.packed["ffn_out"])
         return _add_ln(y, bias, a, self.at(L.ln2), _dropout_p(self.at(L.drop2)) if train else 0.0)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -474,7 +500,11 @@ class FastBertLayer(nn.Module):
 
 
 def invalidate_caches(model: nn.Module) -> None:
-    """Drop every cached fused QKV weight under `model` (needed only after writes through `.data`)."""
+    """Drop every cached fused QKV weight and packed CPU GEMM weight under `model` (needed only after
+    writes through `.data`)."""
     for m in model.modules():
         if isinstance(m, (FastBertSelfAttention, FastBertLayer)):
             m.qkv.invalidate()
+        if isinstance(m, FastBertLayer):
+            for p in m.packed.values():
+                p.invalidate()
