@@ -317,7 +317,7 @@ def prepare(case: Case, provider: str, mode: str, varlen: bool, device: torch.de
     measured on set 0 against the float64 reference. Raises Skip if the provider cannot run here."""
     with warnings.catch_warnings():  # an SDPA backend refusing an input warns before it raises
         warnings.simplefilter("ignore")
-        if provider.endswith("-packed"):
+        if provider.endswith("-packed") and case.op == "attention":
             return _prepare_packed(case, provider, mode, device)
         return _prepare(case, provider, mode, varlen, device, heads)
 
