@@ -50,13 +50,16 @@ def test_real_checkpoint_outputs_and_grads(checkpoint, backend, padding_free):
 
 
 _KNOWN_GAP = ("open: on the cpu backend, grad of layer 2's output LayerNorm weight at outlier dim 99 "
-              "(value ~1255) has 6.7x HF fp32's error (k = 3 allows 3x). Measured by turning the cpu "
-              "kernel of one op off at a time: attention off -> 3.6x, linear_gelu off -> 5.9x, "
-              "add_layer_norm off -> 7.5x, all off (torch backend) -> 2.1x. So the cpu attention "
-              "backward (then linear_gelu's) loses accuracy on this real checkpoint; random weights "
-              "do not show it. Since then the cpu attention backward recomputes each row's exact softmax "
-              "(max, exponentials, sum; no lse rounding) and forms Delta as sum_j P dP, as PyTorch's "
-              "softmax backward does (csrc/cpu/attention.cpp): 5.9x, still over.")
+              "(value ~1255, fp32 ulp 1.22e-4) is off by 7.7 ulp (5.9x HF fp32's max error over the "
+              "tensor; k = 3 allows 3.9 ulp there). HF's own error at dim 99 is a lucky +0.3 ulp: this "
+              "element is dominated by fp32 rounding noise, not by one op. Measured: HF fp32 with every "
+              "Linear/LayerNorm output and incoming grad redrawn at +-2^-24 relative gives -7.7..+4.3 ulp "
+              "(sd ~3.5); the patched model under the same noise: mean -6, sd 3.4 (10 draws). Given "
+              "the same inputs each cpu kernel's error is on par with the torch composition's, and making "
+              "any one op class exact (float64 inside) redraws the result rather than removing a cause. "
+              "The error sits in the gradient reaching the [CLS] token (an attention sink, |h| ~ 191 at dim "
+              "99), 3/4 of it through layer 3's key projection, summed with weight xhat ~ 19.6. Only "
+              "making the layer's F.linear GEMMs exact moved the noisy mean (-6 -> -2 ulp, 8 draws).")
 
 
 @pytest.mark.parametrize("backend,padding_free", [
