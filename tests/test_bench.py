@@ -293,3 +293,116 @@ def test_sequential_timing_path(tmp_path, monkeypatch):
         for mode in ("fwd", "bwd", "fwd+bwd"):
             r = rows[("op", prov, mode)]
             assert r["status"] == "ok" and r["median_ms"] > 0 and r["max_abs_err"] < 1e-4, r
+
+
+# ----------------------------------------------------------------------------------------------
+# peer providers (onnxruntime, openvino): the optional `peers` extra
+# ----------------------------------------------------------------------------------------------
+PEER_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino",)}
+# the peer runs skip measuring the machine's limits (a second or two on a busy 2-core machine; quick_run
+# tests them)
+FIXED_LIMITS = {"peak_tflops": {"float32": 1.0}, "bw_gbps": 10.0, "limits_method": "fixed by the test"}
+
+
+@pytest.fixture(scope="module", params=sorted(PEER_PACKAGES))
+def peer_run(request, tmp_path_factory):
+    """One CPU run of bert-tiny (B2 S8 and its varlen workload) with one peer next to hf-sdpa, in the
+    same interleaved rounds; skipped where the peer's packages are not installed (the peers extra)."""
+    from fastbert.bench import limits
+
+    peer = request.param
+    for pkg in PEER_PACKAGES[peer]:
+        pytest.importorskip(pkg)
+    out = tmp_path_factory.mktemp(f"bench-{peer}")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(limits, "measure", lambda device, quick=False: dict(FIXED_LIMITS))
+            rc = main(["--quick", "--device", "cpu", "--threads", "1", "--models", "bert-tiny", "--batch", "2",
+                       "--seq", "8", "--providers", f"hf-sdpa,{peer}", "--ops", "none", "--no-plots",
+                       "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    with open(out / "results.json") as f:
+        return peer, out, json.load(f)
+
+
+def test_peer_rows_have_fp32_error(peer_run):
+    peer, out, data = peer_run
+    rows = [r for r in data["rows"] if r["provider"] == peer]
+    assert {r["varlen"] for r in rows} == {False, True}  # the grid shape and the (padded) varlen workload
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["reason"] is None
+        assert r["max_abs_err"] < 1e-5, r  # against HF fp32 on the same weights and inputs: rounding level
+    info = data["env"]["peer_builds"][f"bert-tiny float32 {peer}"]
+    assert info["fully_fused"], info  # bert-tiny has 2 layers
+    if peer == "onnxruntime":
+        assert info["fused_ops"]["Attention"] == 2 and info["fused_ops"]["EmbedLayerNormalization"] == 1, info
+        assert info["fused_ops"]["SkipLayerNormalization"] == 4 and info["fused_ops"]["BiasGelu"] == 2, info
+        assert "intra-op threads 1" in info["session"]  # --threads 1: torch.get_num_threads()
+    else:
+        assert "INFERENCE_PRECISION_HINT f32" in info["compile"] and "INFERENCE_NUM_THREADS 1" in info["compile"]
+        assert info["matmul_nodes"] == 0 and sum(info["attention_nodes"].values()) == 2, info
+    md = (out / "results.md").read_text()
+    assert f"- bert-tiny float32 {peer}: " in md
+    assert f"| B2 S8 varlen | {peer} |" in md and "| B2 S8 varlen | hf-sdpa |" in md  # one table
+
+
+def test_peers_are_skipped_with_a_reason(tmp_path, monkeypatch):
+    """A peer whose package is missing is a "skipped" row naming it; so is one asked for at another
+    dtype or for training (inference only), and on a GPU."""
+    from fastbert.bench import limits, peers
+    from fastbert.bench.model_runs import _mode_skip
+
+    real = peers._import
+
+    def no_openvino(name):
+        if name == "openvino":
+            raise ImportError(f"No module named {name!r} (simulated)")
+        return real(name)
+
+    monkeypatch.setattr(peers, "_import", no_openvino)
+    monkeypatch.setattr(limits, "measure", lambda device, quick=False: dict(FIXED_LIMITS))
+    assert peers.import_problem("openvino").startswith("openvino")  # (", onnx" too where onnx is missing)
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--quick", "--device", "cpu", "--threads", "1", "--models", "bert-tiny", "--batch", "1",
+                   "--seq", "8", "--no-varlen", "--providers", "openvino", "--dtypes", "float32", "--ops", "none",
+                   "--no-plots", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    with open(tmp_path / "results.json") as f:
+        data = json.load(f)
+    rows = [r for r in data["rows"] if r["provider"] == "openvino"]
+    assert len(rows) == 1 and rows[0]["status"] == "skipped" and rows[0]["median_ms"] is None
+    reason = rows[0]["reason"]
+    assert reason.startswith("openvino") and "not importable" in reason and "peers extra" in reason
+    assert reason in (tmp_path / "results.md").read_text()
+    assert "peer_builds" not in data["env"]
+    # the other reasons a peer is skipped; and peers are CPU providers, not listed on a GPU
+    spec = P.parse("onnxruntime")
+    assert "float32 only" in P.unavailable(spec, torch.device("cpu"), False, torch.bfloat16)
+    assert "CPU-only" in P.unavailable(spec, torch.device("cuda"), False, torch.float32)
+    assert "inference only" in _mode_skip(spec, M.Workload(1, 8, False, (8,)), "train")
+    assert "onnxruntime" in P.model_provider_names("cpu") and "onnxruntime" not in P.model_provider_names("cuda")
+
+
+def test_peer_summary_flags_an_unfused_graph(tmp_path):
+    """A peer build whose graph did not fuse says so in results.md, next to its timings."""
+    from fastbert.bench import peers
+
+    ort = {"onnxruntime": "1", "onnx": "1", "export": "e", "optimizer": "o", "session": "s", "build_s": {"export": 1.0},
+           "fused_ops": {"SkipLayerNormalization": 4, "BiasGelu": 2}, "fully_fused": False,
+           "expected": "Attention 2"}
+    assert "**not fully fused**: expected Attention 2" in peers.summary(ort)
+    assert "**not fully fused**" not in peers.summary(dict(ort, fully_fused=True))
+    ov = {"openvino": "1", "export": "e", "compile": "c", "attention_nodes": {"Softmax": 2}, "matmul_nodes": 4,
+          "fully_fused": False, "expected": "no MatMul nodes"}
+    assert "MatMul nodes 4 (**not fully fused**" in peers.summary(ov)
+    env = {"command": "c", "peak_tflops": {}, "peer_builds": {"bert-tiny float32 onnxruntime": ort}}
+    R.write_md(str(tmp_path / "results.md"), env, [], [])
+    md = (tmp_path / "results.md").read_text()
+    assert "- bert-tiny float32 onnxruntime: " in md and "**not fully fused**" in md

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a local checkpoint directory, added to the models (repeatable)")
     p.add_argument("--providers", type=_csv, default=None,
                    help="model-level providers (default: all): hf-eager, hf-sdpa, hf-sdpa-compile, fastbert, "
-                        "fastbert-padded, fastbert-<triton|cuda|cpu>[-padded], fastbert-<triton|cuda>-cudagraph")
+                        "fastbert-padded, fastbert-<triton|cuda|cpu>[-padded], fastbert-<triton|cuda>-cudagraph; "
+                        "CPU peers onnxruntime, openvino (the peers extra)")
     p.add_argument("--batch", type=_ints, default=None, help="batch sizes, e.g. 1,8")
     p.add_argument("--seq", type=_ints, default=None, help="sequence lengths, e.g. 128,512")
     p.add_argument("--no-varlen", action="store_true", help="skip the variable-length workload")

@@ -5,6 +5,9 @@ HF fp32| over valid tokens, on the same inputs); then each mode is timed. CPU ru
 provider's model in interleaved rounds (timing.bench_interleaved: a machine whose speed drifts slows
 them alike), so all providers' models are built at once; GPU runs build one provider's model at a time
 and time it alone with CUDA events (timing.bench), recording its peak memory.
+Peer providers (onnxruntime, openvino: fastbert/bench/peers.py) are built with the other providers
+(one ONNX export per model, shared, then optimized or compiled: untimed) and timed in the same
+interleaved rounds; what each build fused goes to env.peer_builds.
 """
 from __future__ import annotations
 
@@ -58,9 +61,11 @@ def run_models(args, device, env, rows, bar) -> None:
             for group in groups:
                 runners = {}
                 for spec in group:
-                    runner = _make_runner(args, device, rows, bar, spec, base, dtype, label, dname, per_provider)
+                    runner = _make_runner(args, device, env, rows, bar, spec, base, dtype, label, dname,
+                                          per_provider)
                     if runner is not None:
                         runners[spec] = runner
+                P.PEER.release(base)  # the peers' shared ONNX export, once they are built
                 for w in wls:
                     names = group[0].name if len(group) == 1 else "all providers"
                     bar.set_postfix_str(f"{label} {dname} {w.label()} ({names})", refresh=False)
@@ -89,15 +94,19 @@ def _references(base, wls, inputs, device) -> Dict:
     return refs
 
 
-def _make_runner(args, device, rows, bar, spec, base, dtype, label, dname, per_provider):
-    """spec's model at dtype on device, or None after writing its skipped rows (with the reason)."""
+def _make_runner(args, device, env, rows, bar, spec, base, dtype, label, dname, per_provider):
+    """spec's model at dtype on device, or None after writing its skipped rows (with the reason). A
+    peer's build record goes to env["peer_builds"]["<model> <dtype> <provider>"]."""
     from fastbert.bench import providers as P
     from fastbert.bench import report as R
 
-    why = P.unavailable(spec, device, args.quick)
+    why = P.unavailable(spec, device, args.quick, dtype)
     if why is None:
         try:
-            return P.ModelRunner(spec, base, dtype, device)
+            runner = P.make_runner(spec, base, dtype, device)
+            if spec.family == "peer":
+                env.setdefault("peer_builds", {})[f"{label} {dname} {spec.name}"] = runner.info
+            return runner
         except Exception as e:
             why = RW.first_line(e)
     for mode in args.modes:
@@ -135,6 +144,8 @@ def _mode_skip(spec, w, mode) -> Optional[str]:
         return f"the CUDA graphs variant runs only for batch <= {CUDAGRAPH_MAX_BATCH} (it targets small-batch latency)"
     if mode == "train" and spec.cudagraph:
         return "the CUDA graphs variant is inference only"
+    if mode == "train" and spec.family == "peer":
+        return f"{spec.name} is benchmarked for inference only"
     return None
 
 

@@ -12,6 +12,16 @@ Model-level providers (every one gets a deep copy of the same fp32 weights, cast
   fastbert-<b>-cudagraph    GPU only, inference only: fastbert-<b>-padded captured in one CUDA graph
                             per input set and replayed (small-batch latency; padding-free mode packs
                             tokens with data-dependent shapes, which a graph cannot hold)
+  onnxruntime               CPU only, fp32 inference: the model exported to ONNX (torch.onnx's TorchScript
+                            exporter), fused by onnxruntime.transformers.optimizer (model_type "bert": Attention,
+                            EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), run on
+                            CPUExecutionProvider, ORT_ENABLE_ALL, intra-op threads = torch.get_num_threads()
+  openvino                  CPU only, fp32 inference: the same ONNX export read by OpenVINO, compiled for
+                            "CPU" with INFERENCE_PRECISION_HINT f32 and torch.get_num_threads() threads
+The last two are peers (fastbert/bench/peers.py: their settings, and why this exporter): listed on CPU
+runs, "skipped" with the reason where their packages (the `peers` extra: onnxruntime, onnx, openvino)
+are not importable, for dtypes other than float32, for training and on a GPU. Their export and
+compilation happen once per model, untimed; what each build fused is recorded in env.peer_builds.
 A forced backend that cannot serve some op raises fastbert.BackendUnavailableError: the row is
 "skipped" with that message, never silently served by another backend.
 """
@@ -25,6 +35,7 @@ from typing import List, Optional
 import torch
 
 from fastbert import backends
+from fastbert.bench import peers as PEER
 
 FASTBERT_BACKENDS = ("triton", "cuda", "cpu")
 BASELINE = "hf-sdpa"
@@ -33,7 +44,7 @@ BASELINE = "hf-sdpa"
 @dataclasses.dataclass(frozen=True)
 class Spec:
     name: str
-    family: str                     # "hf" or "fastbert"
+    family: str                     # "hf", "fastbert" or "peer"
     attn: str = "sdpa"              # HF attention implementation
     compile: bool = False
     backend: Optional[str] = None   # forced fastbert backend; None = fastbert's own choice
@@ -47,6 +58,8 @@ def model_provider_names(device_type: str) -> List[str]:
         names += [f"fastbert-{b}", f"fastbert-{b}-padded"]
         if device_type == "cuda" and b != "cpu":
             names.append(f"fastbert-{b}-cudagraph")
+    if device_type == "cpu":
+        names += list(PEER.PEERS)
     return names
 
 
@@ -57,6 +70,8 @@ def parse(name: str) -> Spec:
         return Spec(name, "hf")
     if name == "hf-sdpa-compile":
         return Spec(name, "hf", compile=True)
+    if name in PEER.PEERS:
+        return Spec(name, "peer")
     parts = name.split("-")
     if parts[0] != "fastbert":
         raise ValueError(f"--providers: unknown provider {name!r}")
@@ -98,8 +113,19 @@ def fastbert_import_problem() -> Optional[str]:
     return None
 
 
-def unavailable(spec: Spec, device: torch.device, quick: bool) -> Optional[str]:
-    """Why `spec` cannot run on `device` at all in this run (None: try it)."""
+def peer_unavailable(name: str, device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why peer `name` cannot be benchmarked on `device` at `dtype` (None: it can be tried)."""
+    if device.type != "cpu":
+        return f"{name} is a CPU-only peer provider (the comparison it is here for is CPU inference)"
+    if dtype is not None and dtype != torch.float32:
+        return f"{name} is benchmarked in float32 only (fp32 CPU inference against fastbert's)"
+    return PEER.import_problem(name)
+
+
+def unavailable(spec: Spec, device: torch.device, quick: bool, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why `spec` cannot run on `device` (at `dtype`, if given) at all in this run (None: try it)."""
+    if spec.family == "peer":
+        return peer_unavailable(spec.name, device, dtype)
     if spec.compile:
         if quick:
             return "--quick skips torch.compile (compiling takes 30 s or more per shape)"
@@ -123,6 +149,13 @@ def forcing(backend: Optional[str]):
     import fastbert
 
     return fastbert.use_backend(backend) if backend is not None else contextlib.nullcontext()
+
+
+def make_runner(spec: Spec, base_model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    """spec's model: a ModelRunner, or for a peer its runner (forward only; `info` says what was built)."""
+    if spec.family == "peer":
+        return PEER.build(spec.name, base_model)
+    return ModelRunner(spec, base_model, dtype, device)
 
 
 class ModelRunner:

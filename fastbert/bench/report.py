@@ -148,6 +148,15 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
         choices = "; ".join(f"{k}: " + ", ".join(f"{op} -> {b}" for op, b in v.items()) for k, v in auto.items())
         L.append(f"fastbert's own backend choice per op (providers `fastbert`, `fastbert-padded`): {choices}.")
         L.append("")
+    builds = env.get("peer_builds") or {}
+    if builds:
+        from fastbert.bench.peers import summary
+
+        L.append("Peer providers, built once per model (export, optimization and compilation untimed), "
+                 "timed in the same rounds:")
+        L.append("")
+        L.extend(f"- {k}: {summary(v)}" for k, v in builds.items())
+        L.append("")
     L.append("Latency: median (p20-p80) in ms. Speedup: over hf-sdpa (models) or the PyTorch composition "
              "(ops). Error: max |out - HF fp32| over valid tokens (models), max |out - float64 reference| "
              "(ops). Model FLOPs/tokens count valid tokens only.")
