@@ -37,3 +37,21 @@ def test_gemm_providers_run_and_are_exact():
             assert isinstance(bwd["torch-linear"], O.Skip) and "fwd" in str(bwd["torch-linear"])
     finally:
         torch.set_num_threads(threads)
+
+
+
+def test_run_records_and_reports_the_cpu_gemm_choices(tmp_path):
+    from fastbert.bench import model_runs
+    from fastbert.bench import report as R
+
+    env = {}
+    cpu_gemm._choices[(8, 40, 32, "none", "float32")] = ("aten", "fastbert kernel 2.00 ms, aten 1.00 ms")
+    try:
+        model_runs.record_dispatch(env, "tiny float32 fastbert")
+    finally:
+        cpu_gemm.reset_choices()
+    lines = env["fastbert_cpu_gemm"]
+    assert lines[0].startswith("cpu gemm: ") and "float32 rows<=8 N=40 K=32 epilogue=none: aten" in lines[1]
+    R.write_md(str(tmp_path / "results.md"), env, [], [])
+    text = (tmp_path / "results.md").read_text()
+    assert "CPU GEMM per shape class" in text and "- float32 rows<=8 N=40 K=32 epilogue=none: aten" in text

@@ -22,12 +22,16 @@ CUDAGRAPH_MAX_BATCH = 8
 
 
 def record_dispatch(env: dict, key: str) -> None:
-    """Which backend fastbert's own choice gave each op (the last decision per op), once per key."""
+    """Which backend fastbert's own choice gave each op (the last decision per op), once per key; and
+    the CPU GEMM choices made so far per shape class (fastbert/ops/cpu_gemm.py), updated each time."""
     table = env.setdefault("fastbert_auto_backends", {})
     if key not in table:
         from fastbert import backends
 
         table[key] = {op: d.backend for op, d in backends.last_decisions().items() if not d.forced}
+    from fastbert.ops import cpu_gemm
+
+    env["fastbert_cpu_gemm"] = cpu_gemm.describe()
 
 
 def run_models(args, device, env, rows, bar) -> None:

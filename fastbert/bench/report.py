@@ -148,6 +148,13 @@ def write_md(path: str, env: dict, rows: List[dict], plots: List[str]) -> None:
         choices = "; ".join(f"{k}: " + ", ".join(f"{op} -> {b}" for op, b in v.items()) for k, v in auto.items())
         L.append(f"fastbert's own backend choice per op (providers `fastbert`, `fastbert-padded`): {choices}.")
         L.append("")
+    gemm = env.get("fastbert_cpu_gemm") or []
+    if len(gemm) > 1:  # the status line, then one line per shape class timed in this run
+        L.append("The fused layers' CPU GEMM per shape class, timed on its first call (fastbert/ops/cpu_gemm.py): "
+                 + gemm[0].split(": ", 1)[-1])
+        L.append("")
+        L.extend(f"- {line.strip()}" for line in gemm[1:])
+        L.append("")
     builds = env.get("peer_builds") or {}
     if builds:
         from fastbert.bench.peers import summary
