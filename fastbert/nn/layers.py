@@ -219,13 +219,6 @@ class FusedQKV:
 # ----------------------------------------------------------------------------------------------
 # functional pieces
 # ----------------------------------------------------------------------------------------------
-def _three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
-    """CPU inference: the QKV projection on fastbert's CPU GEMM or on ATen's (as three GEMMs, see
-    _qkv_three_gemms), whichever is faster (fastbert/ops/cpu_gemm.py). Not under autograd (out= is not
-    differentiable) or torch.compile, and not on GPUs, where one GEMM wins."""
-    return cpu_gemm.eligible(h, w, b)
-
-
 def _qkv_three_gemms(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], hidden: int) -> torch.Tensor:
     """F.linear(h, w, b) computed as three GEMMs of N = hidden, each writing its column slice of the one
     [.., 3 * hidden] output in place (BLAS leading dimension 3 * hidden: no copies, same layout): faster
@@ -247,8 +240,10 @@ def _self_attention(h: torch.Tensor, parts: Tuple[LinearParts, LinearParts, Line
     w, b = cache.get(*(p.linear for p in parts), token=tuple(p.cache_token for p in parts))
     hidden = w.shape[0] // 3
     d = hidden // heads
-    if _three_gemms(h, w, b):
-        # ATen's path: three GEMMs into the output (out= has no autocast rule: F.linear under autocast)
+    if cpu_gemm.eligible(h, w, b):
+        # CPU inference (not GPUs, where one GEMM wins): the faster of fastbert's CPU GEMM and ATen's
+        # path, three GEMMs into the output (out= is not differentiable and has no autocast rule:
+        # F.linear under autocast)
         aten = ((lambda: F.linear(h, w, b)) if torch.is_autocast_enabled("cpu")
                 else (lambda: _qkv_three_gemms(h, w, b, hidden)))
         x = cpu_gemm.linear(h, w, b, "none", cache=cache.packed, key=cache.key, aten=aten)

@@ -22,6 +22,7 @@ identity, `_version`, data_ptr, dtype), so an optimizer step or load_state_dict 
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable, Dict, Hashable, Optional, Tuple
@@ -38,12 +39,18 @@ _TIMED_CALLS = 2  # timed calls per candidate when a shape class is first seen (
 _choices: Dict[Tuple, Tuple[str, str]] = {}  # shape class -> (candidate, why)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_registered() -> bool:
+    # asked once: a dispatcher lookup per GEMM call is avoidable work on the hot path
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastbert::cpu_packed_linear", "CPU")
+
+
 def kernel_status() -> Tuple[bool, str]:
     """(usable, reason) for fastbert's packed-weight GEMM kernel."""
     ok, why = backends.extension_status()
     if not ok:
         return False, why
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastbert::cpu_packed_linear", "CPU"):
+    if not _kernel_registered():
         return False, "fastbert._C was built without AVX2 + FMA (csrc/cpu/gemm.cpp needs both)"
     return True, "AVX2 + FMA packed-weight kernel (csrc/cpu/gemm.cpp)"
 

@@ -191,13 +191,14 @@ def test_layer_forced_triton(device):
 
 def test_cpu_qkv_projection_as_three_gemms():
     from fastbert.nn import layers as L
+    from fastbert.ops import cpu_gemm
 
     h, w, b = torch.randn(2, 5, 32), torch.randn(96, 32), torch.randn(96)
     with torch.no_grad():
-        assert L._three_gemms(h, w, b)
+        assert cpu_gemm.eligible(h, w, b)
         for bias in (b, None):
             got = L._qkv_three_gemms(h, w, bias, 32)
             assert got.shape == (2, 5, 96) and got.is_contiguous()
             torch.testing.assert_close(got, torch.nn.functional.linear(h, w, bias), rtol=1e-5, atol=1e-5)
-    assert not L._three_gemms(h, w.requires_grad_(), b), "out= GEMMs are not differentiable: autograd needs F.linear"
-    assert not L._three_gemms(h.double(), w.double(), b.double())
+    assert not cpu_gemm.eligible(h, w.requires_grad_(), b), "out= GEMMs are not differentiable: autograd needs F.linear"
+    assert not cpu_gemm.eligible(h.double(), w.double(), b.double())

@@ -18,7 +18,9 @@ EPI = {"none": lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, app
 
 # rows: < one 6-row micro-tile, exactly one, one more, a tile of 72 and over; N: < / = / > one 16-column
 # panel, several; K: < / = / > one 192 block and several blocks with a tail
-SHAPES = [(1, 1, 1), (5, 15, 7), (6, 16, 192), (7, 17, 193), (73, 40, 400), (150, 800, 96), (13, 64, 768)]
+SHAPES = [(1, 1, 1), (5, 15, 7), (6, 16, 192), (7, 17, 193), (73, 40, 400), (150, 800, 96), (13, 64, 768),
+          # BERT-family rows (tokens of seq 1, 7, 129) at hidden 384 / 768 and their FFN widths
+          (1, 384, 768), (7, 1152, 384), (129, 768, 3072), (129, 1536, 384)]
 
 
 def _run(x, w, b, epilogue):
