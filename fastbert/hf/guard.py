@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fastbert.hf import compat, peft
+from fastbert.nn import fsdp
 from fastbert.nn.layers import LinearParts, get_path
 
 _epoch = [0]
@@ -64,12 +65,13 @@ def resolve_linear(module: nn.Module) -> LinearParts:
     return parts
 
 
-def _plain(t) -> bool:
-    return t is None or type(t) in (nn.Parameter, torch.Tensor)
+def _plain(t, sharded_ok: bool = False) -> bool:
+    return t is None or type(t) in (nn.Parameter, torch.Tensor) or (sharded_ok and fsdp.is_dtensor(t))
 
 
-def linear_problem(module) -> Tuple[Optional[str], Optional[LinearParts]]:
-    """(why the fused path cannot read this Linear slot, or None; its parts when it can)."""
+def linear_problem(module, sharded_ok: bool = False) -> Tuple[Optional[str], Optional[LinearParts]]:
+    """(why the fused path cannot read this Linear slot, or None; its parts when it can). sharded_ok: the
+    slot is in a layer fully_shard wraps, whose hook gathers plain Parameters before the fused code reads."""
     if type(module) is nn.Linear:
         parts = LinearParts(module)
     elif peft.is_peft(module):
@@ -79,15 +81,16 @@ def linear_problem(module) -> Tuple[Optional[str], Optional[LinearParts]]:
     else:
         return f"it is a {type(module).__module__}.{type(module).__qualname__}, not an nn.Linear", None
     lin = parts.linear
-    if not (_plain(lin.weight) and _plain(lin.bias)):
+    if not (_plain(lin.weight, sharded_ok) and _plain(lin.bias, sharded_ok)):
         return f"its weight is a {type(lin.weight).__name__} (quantized or sharded)", None
     return None, parts
 
 
-def _layer_norm_problem(module) -> Optional[str]:
+def _layer_norm_problem(module, sharded_ok: bool = False) -> Optional[str]:
     if type(module) is not nn.LayerNorm:
         return f"it is a {type(module).__module__}.{type(module).__qualname__}, not an nn.LayerNorm"
-    if module.weight is None or module.bias is None or not (_plain(module.weight) and _plain(module.bias)):
+    if (module.weight is None or module.bias is None
+            or not (_plain(module.weight, sharded_ok) and _plain(module.bias, sharded_ok))):
         return "it has no plain weight and bias"
     if len(module.normalized_shape) != 1:
         return f"it normalizes over {tuple(module.normalized_shape)}, not the last dim"
@@ -153,9 +156,7 @@ class Guard:
                 why.append(f"{name}: {problem}")
         if compat.capture_active():
             why.append("an enclosing Hugging Face model is capturing outputs through hooks")
-        twin_hooks = any(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
-                         or d["_backward_pre_hooks"] or "forward" in d for d in plan.twins)
-        return why, twin_hooks
+        return why, any(_user_hooks(d) for d in plan.twins)
 
     def _build(self, base: nn.Module, state) -> _Plan:
         epoch = _epoch[0]
@@ -204,11 +205,12 @@ class Guard:
         if why:
             return why
         called: Set[int] = set()
+        sharded = fsdp.is_sharded_module(twin)
         att = layout.attention
         for path in [f"{att}.{layout.q}", f"{att}.{layout.k}", f"{att}.{layout.v}", layout.o, layout.ffn_in,
                      layout.ffn_out]:
             module = twin.at(path)
-            problem, parts = linear_problem(module)
+            problem, parts = linear_problem(module, sharded)
             if problem:
                 why.append(f"{where}.{path}: {problem}")
                 continue
@@ -216,7 +218,7 @@ class Guard:
                 lora.append((f"{where}.{path}", module))
                 called.update(id(m) for m in peft.called_modules(parts))
         for path in (layout.ln1, layout.ln2):
-            problem = _layer_norm_problem(twin.at(path))
+            problem = _layer_norm_problem(twin.at(path), sharded)
             if problem:
                 why.append(f"{where}.{path}: {problem}")
         for path in (layout.drop1, layout.drop2, f"{att}.{layout.attn_dropout}" if layout.attn_dropout else None):
@@ -249,6 +251,13 @@ def _hook_reasons(name: str, module: nn.Module, d: dict) -> List[str]:
     if fwd is not None and not compat.is_benign_forward(module, fwd):
         why.append(f"{name} has its forward replaced (e.g. by accelerate's hooks)")
     return why
+
+
+def _user_hooks(d: dict) -> bool:
+    """Does a twin (its __dict__) carry a hook or a replaced forward, other than fully_shard's own?"""
+    if "forward" in d:
+        return True
+    return any(not fsdp.is_own_hook(h) for attr, _ in _HOOK_KINDS for h in (d.get(attr) or {}).values())
 
 
 def _global_hooks() -> List[str]:

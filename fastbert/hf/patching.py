@@ -61,7 +61,7 @@ from torch import nn
 from fastbert import backends
 from fastbert.hf import compat, guard, table
 from fastbert.hf.attention import register
-from fastbert.nn import padding
+from fastbert.nn import fsdp, padding
 from fastbert.nn.layers import FastBertLayer, get_path
 
 _STATE = "_fastbert_patch"
@@ -145,6 +145,12 @@ def patch(model: nn.Module, *, backend: Optional[str] = None, padding_free: bool
         if state is not None:
             state.backend, state.padding_free = backend, padding_free
             continue
+        wrapped = fsdp.wrapper_of(m)
+        if wrapped is not None:
+            raise RuntimeError(
+                f"fastbert.patch: {type(m).__name__} is already under FSDP ({wrapped[0]} is a "
+                f"{type(wrapped[1]).__name__} managed by FSDP): call fastbert.patch(model) BEFORE fully_shard, then "
+                "fully_shard the patched layers and the root (patching swaps the layer modules FSDP wraps)")
         problems = _touchpoint_problems(m, arch)
         if problems:
             m.__dict__[_REFUSED] = problems
@@ -314,17 +320,24 @@ def _sync_flags(src: nn.Module, dst: nn.Module) -> None:
             setattr(dst, attr, getattr(src, attr, False))
 
 
-def _restore_originals(state: _PatchState) -> None:
-    """Put the HF layers back, carrying over what changed on the twins (flags, and children replaced on
-    a twin after patching, so HF's code runs the same modules the fused path read)."""
+def _restore_originals(state: _PatchState) -> List[int]:
+    """Put the HF layers back where the twins still are, carrying over what changed on the twins (flags,
+    and children replaced on a twin after patching, so HF's code runs the same modules the fused path
+    read); a slot that holds something else now (a module put there after patching) is left as it is.
+    Returns the slots restored."""
     if state.layer_list is None:
-        return
+        return []
+    restored = []
     for i, (orig, f) in enumerate(zip(state.originals, state.fast)):
+        if i >= len(state.layer_list) or state.layer_list[i] is not f:
+            continue
         for name, child in f.named_children():
             if orig._modules.get(name) is not child:
                 setattr(orig, name, child)
         _sync_flags(f, orig)
         state.layer_list[i] = orig
+        restored.append(i)
+    return restored
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +401,13 @@ def _patched_forward(self: nn.Module, *args, **kwargs):
     module_reasons, twin_hooks = state.guard.check(self, state)
     reasons += module_reasons
     if reasons:
+        sharded = [i for i, f in enumerate(state.fast) if fsdp.is_sharded_module(f)]
+        if sharded:
+            # HF's layers are not what fully_shard wrapped: their parameters would stay sharded
+            raise RuntimeError(
+                f"fastbert: {type(self).__name__} cannot run Hugging Face's code for this call (because "
+                f"{'; '.join(reasons)}): its fused layers {sharded} are sharded by FSDP's fully_shard. Avoid what "
+                "needs HF's code, or shard the model unpatched (fastbert.unpatch before fully_shard).")
         _note_fallback(self, state, reasons)
         return _fallback(self, state, args, kwargs)
     ctx = backends.use_backend(state.backend) if state.backend is not None else contextlib.nullcontext()
@@ -399,13 +419,13 @@ def _fallback(self: nn.Module, state: _PatchState, args, kwargs):
     state.fallback_calls += 1
     if state.layer_list is None:  # nothing was swapped: HF's forward runs HF's modules as they are
         return type(self).forward(self, *args, **kwargs)
-    _restore_originals(state)
+    restored = _restore_originals(state)
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
-        for i, (orig, f) in enumerate(zip(state.originals, state.fast)):
-            _sync_flags(orig, f)
-            state.layer_list[i] = f
+        for i in restored:
+            _sync_flags(state.originals[i], state.fast[i])
+            state.layer_list[i] = state.fast[i]
 
 
 def _fast_forward(self: nn.Module, state: _PatchState, a: Dict[str, Any], extra: Dict[str, Any], padded: bool):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import backends, ops
+from fastbert.nn import fsdp
 from fastbert.ops import cpu_gemm
 
 _LAYER_OPS = ("attention", "add_layer_norm", "linear_gelu", "bias_gelu")
@@ -206,7 +207,8 @@ class FusedQKV:
         lins = (q, k, v)
         params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
         compiling = torch.compiler.is_compiling()
-        if compiling or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if (compiling or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+                or any(fsdp.managed(lin) for lin in lins)):  # FSDP re-gathers behind the key (fastbert/nn/fsdp.py)
             return self._fuse(lins)
         key = (token,) + tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         if key != self._key:
@@ -240,7 +242,7 @@ def _self_attention(h: torch.Tensor, parts: Tuple[LinearParts, LinearParts, Line
     w, b = cache.get(*(p.linear for p in parts), token=tuple(p.cache_token for p in parts))
     hidden = w.shape[0] // 3
     d = hidden // heads
-    if cpu_gemm.eligible(h, w, b):
+    if cpu_gemm.eligible(h, w, b) and not fsdp.managed(parts[0].linear):
         # CPU inference (not GPUs, where one GEMM wins): the faster of fastbert's CPU GEMM and ATen's
         # path, three GEMMs into the output (out= is not differentiable and has no autocast rule:
         # F.linear under autocast)
@@ -279,7 +281,7 @@ def _linear(x: torch.Tensor, parts: LinearParts, bias: Optional[torch.Tensor], p
     w = parts.linear.weight
     if aten is None:
         aten = lambda: F.linear(x, w, bias)  # noqa: E731
-    if not cpu_gemm.eligible(x, w, bias):
+    if not cpu_gemm.eligible(x, w, bias) or fsdp.managed(parts.linear):  # no packed copy of a re-gathered weight
         return aten()
     key = cpu_gemm.param_key(w) + (parts.cache_token,)
     return cpu_gemm.linear(x, w, bias, epilogue, cache=packed, key=key, aten=aten)

@@ -101,3 +101,23 @@ def assert_model_no_worse(fast, hf32, ref64, ids, mask, *, k=K_MODEL, **kw):
     for n in g_r:
         assert_no_worse(f"grad {n}", g_f[n], g_h[n], g_r[n], k=k)
     return o_f, g_f
+
+
+def classification_rows(n=8, seq=7):
+    """A tiny sequence-classification dataset (rows of token lists, lengths 2 .. seq), for the Trainer."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(n):
+        length = 2 + i % (seq - 1)
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": i % 2})
+    return rows
+
+
+def collate(rows):
+    """Right-pads classification_rows into a batch."""
+    seq = max(len(r["input_ids"]) for r in rows)
+    pad = lambda x: x + [0] * (seq - len(x))  # noqa: E731
+    return {"input_ids": torch.tensor([pad(r["input_ids"]) for r in rows]),
+            "attention_mask": torch.tensor([pad(r["attention_mask"]) for r in rows]),
+            "labels": torch.tensor([r["labels"] for r in rows])}

@@ -19,30 +19,13 @@ pytest.importorskip("accelerate")  # the Trainer needs it
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def _dataset(n=8, seq=7):
-    g = torch.Generator().manual_seed(2)
-    rows = []
-    for i in range(n):
-        length = 2 + i % (seq - 1)
-        ids = torch.randint(3, M.VOCAB, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": i % 2})
-    return rows
-
-
-def _collate(rows):
-    seq = max(len(r["input_ids"]) for r in rows)
-    pad = lambda x: x + [0] * (seq - len(x))  # noqa: E731
-    return {"input_ids": torch.tensor([pad(r["input_ids"]) for r in rows]),
-            "attention_mask": torch.tensor([pad(r["attention_mask"]) for r in rows]),
-            "labels": torch.tensor([r["labels"] for r in rows])}
-
-
 def _train(model, tmp, checkpointing=False):
     args = transformers.TrainingArguments(
         output_dir=str(tmp), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
         use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, data_seed=0, dataloader_num_workers=0,
         gradient_checkpointing=checkpointing, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=_collate)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=M.classification_rows(),
+                                   data_collator=M.collate)
     trainer.train()
     return model
 
