@@ -131,6 +131,34 @@ def test_fused_qkv_cache_follows_in_place_updates():
     torch.testing.assert_close(c[mask], ref[mask], rtol=1e-5, atol=1e-5)
 
 
+def test_no_weight_cache_for_fsdp_managed_modules():
+    """FSDP re-gathers its parameters into the same tensors with the version counter preserved (as here):
+    the cache keys cannot see that, so layers of an FSDP-managed module (FSDP's own mark) cache nothing."""
+    def regather(hf):  # what FSDP's copy-out does: same Parameter, same storage, version preserved
+        with torch.no_grad():
+            for lin in (hf.attention.self.query, hf.attention.self.value, hf.attention.output.dense,
+                        hf.intermediate.dense, hf.output.dense):
+                with torch.autograd._unsafe_preserve_version_counter(lin.weight):
+                    lin.weight.mul_(0.75)
+
+    x, mask = _data()
+    for managed in (False, True):
+        hf = _bert()
+        if managed:
+            for m in hf.modules():
+                m._is_fsdp_managed_module = True
+        fast = FastBertLayer.from_hf(hf)
+        with torch.no_grad():
+            a = fast(x, mask)
+            regather(hf)
+            b = fast(x, mask)
+            ref = _hf_layer(hf, x, mask)
+        if managed:
+            torch.testing.assert_close(b[mask], ref[mask], rtol=1e-5, atol=1e-5)
+        else:  # the hazard the rule is for: an unmarked module's cache misses the update
+            assert torch.equal(a, b)
+
+
 def test_training_dropout_and_eval():
     hf = _bert()
     fast = FastBertLayer.from_hf(hf)
