@@ -31,7 +31,8 @@ Backward math (one row; N elements; w = weight, g = grad_out, mu = mean, r = rst
     dh_i = sum_j gy_j * d xhat_j / d h_i
          = r * (gy_i - mean_j(gy_j) - xhat_i * mean_j(gy_j * xhat_j))
 
-  grad_pre = dh (+ the incoming gradient of h when the forward returned it; it is also grad_residual); grad_x = dh * keep * 1/(1-p) (= dh without dropout);
+  grad_pre = dh (+ h's own incoming gradient when the forward returned h; it is also grad_residual);
+  grad_x = grad_pre * keep * 1/(1-p) (= grad_pre without dropout);
   grad_x_bias = sum over rows of grad_x; grad_weight = sum over rows of g * xhat; grad_bias = sum
   over rows of g. The three column sums are reduced deterministically: each backward program owns a
   contiguous block of rows and writes its fp32 partial sums to one row of a [programs, N] buffer,

@@ -227,6 +227,41 @@ def test_add_layer_norm_dropout(dtype, n):
 
 @gpu
 @pytest.mark.usefixtures("_need_cuda_kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n,p,weight", [(1, 768, 0.0, True), (7, 200, 0.0, False), (7, 384, 0.2, True),
+                                             (7, 64, 0.3, False)])
+def test_add_layer_norm_pre_and_grad_pre_out(dtype, rows, n, p, weight):
+    """return_residual on the cuda kernels: fwd_pre's pre-norm sum, grad_pre_out joining grad_pre, weight None."""
+    x, r, g, gin = (_rand((rows, n), dtype) for _ in range(4))
+    w = 1 + 0.1 * _rand((n,), torch.float32) if weight else None
+    b, xb = 0.1 * _rand((n,), torch.float32), _rand((n,), dtype)
+    seed = _seed() if p else None
+    out, mean, rstd, pre = F.add_layer_norm_fwd_pre(x, w, b, r, xb, 1e-5, p, seed)
+    assert torch.equal(out, F.add_layer_norm_fwd(x, w, b, r, xb, 1e-5, p, seed)[0])
+    g_pre, g_x, g_w, g_b, g_xb = F.add_layer_norm_bwd(g, x, w, b, r, xb, mean, rstd, p, seed, gin)
+    assert g_w.shape == ((n,) if weight else (0,))
+
+    def ref(d):
+        cast = (lambda t: None if t is None else t.detach().to(d).requires_grad_())
+        ts = [cast(t) for t in (x, w, b, r, xb)]
+        o, h = reference.add_layer_norm(ts[0], ts[1], ts[2], residual=ts[3], x_bias=ts[4], eps=1e-5, dropout_p=p,
+                                        seed=seed, return_residual=True)
+        torch.autograd.backward([o, h], [g.to(d), gin.to(d)])
+        return o.detach(), h.detach(), [None if t is None else t.grad for t in ts]
+
+    (o_t, h_t, gt), (o64, h64, g64) = ref(dtype), ref(torch.float64)
+    assert_no_worse("pre out", out, o_t, o64)
+    assert_no_worse("pre pre", pre, h_t, h64)
+    assert_no_worse("pre grad_x", g_x if p else g_pre, gt[0], g64[0])
+    assert_no_worse("pre grad_residual", g_pre, gt[3], g64[3])
+    if weight:
+        assert_no_worse("pre grad_weight", g_w, gt[1], g64[1], atol=ATOL[torch.float32] * rows)
+    assert_no_worse("pre grad_bias", g_b, gt[2], g64[2], atol=ATOL[torch.float32] * rows)
+    assert_no_worse("pre grad_x_bias", g_xb, gt[4], g64[4], atol=ATOL[dtype] * rows, dtype=dtype)
+
+
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_add_layer_norm_empty_rows():
     w = torch.ones(64, device=DEVICE)
     x = torch.empty(0, 64, device=DEVICE)
