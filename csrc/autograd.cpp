@@ -1,4 +1,4 @@
-// Autograd for the C++ backends (cpu and cuda): the ops fastbert::add_layer_norm, bias_gelu, linear_gelu
+// Autograd for the C++ backends (cpu and cuda): the ops fastbert::add_layer_norm(_pre), bias_gelu, linear_gelu
 // and attention, each a torch::autograd::Function over the op's forward and backward kernels
 // (fastbert::<op>_fwd / _bwd, reached through the dispatcher, so one registration serves CPU and CUDA).
 //
@@ -43,14 +43,14 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
 // ---------------------------------------------------------------------------------------------
 // add_layer_norm
 // ---------------------------------------------------------------------------------------------
-using AlnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+using AlnFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const OptTensor&,
                                                                  const OptTensor&, const OptTensor&, double, double,
                                                                  const OptTensor&);
 using AlnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const at::Tensor&, const at::Tensor&, double, const OptTensor&);
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const at::Tensor&, const at::Tensor&, double, const OptTensor&, const OptTensor&);
 
-using AlnFwdPreSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+using AlnFwdPreSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&,
                                                                                 const OptTensor&, const OptTensor&,
                                                                                 const OptTensor&, double, double,
                                                                                 const OptTensor&);
@@ -64,57 +64,109 @@ FB_KERNEL_OP(aln_bwd, AlnBwdSig, "fastbert::add_layer_norm_bwd")
 // F.layer_norm's own backward -- and the forward writes h once more. Gradients are bit-identical either
 // way (the saved fp32 h is the h the backward would recompute). Not for fp16/bf16 (h rounded to 16 bits
 // would cost gradient accuracy), nor with dropout (the backward needs x's dropout mask anyway), nor on
-// CUDA (add_layer_norm_fwd_pre has a CPU kernel only).
+// CUDA (never measured there; its backward recomputes h from x and residual).
 bool saves_pre(const at::Tensor& x, double dropout_p) {
   return dropout_p == 0.0 && x.scalar_type() == at::kFloat && x.device().is_cpu();
 }
 
+// The forward of both differentiable ops: out (and, when want_pre or saves_pre, the pre-norm sum h), with
+// what the backward needs saved in ctx. Returns {out, pre} (pre undefined when not computed).
+std::pair<at::Tensor, at::Tensor> aln_forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+                                              const OptTensor& bias, const OptTensor& residual,
+                                              const OptTensor& x_bias, double eps, double dropout_p,
+                                              const OptTensor& seed, bool want_pre) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  at::Tensor out, mean, rstd, pre;
+  const bool save_h = saves_pre(x, dropout_p);
+  if (save_h || want_pre) {
+    std::tie(out, mean, rstd, pre) = aln_fwd_pre().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
+  } else {
+    std::tie(out, mean, rstd) = aln_fwd().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
+  }
+  if (save_h) {
+    // the backward sees h as its x, with no residual; a zero x_bias keeps x_bias's gradient (the column
+    // sum of grad_pre) in the same pass
+    const at::Tensor zero_xb = x_bias.has_value() ? at::zeros_like(*x_bias) : at::Tensor();
+    ctx->save_for_backward({pre, or_undefined(weight), or_undefined(bias), at::Tensor(), zero_xb, mean, rstd,
+                            at::Tensor()});
+  } else {
+    ctx->save_for_backward({x, or_undefined(weight), or_undefined(bias), or_undefined(residual), or_undefined(x_bias),
+                            mean, rstd, or_undefined(seed)});
+  }
+  ctx->saved_data["dropout_p"] = dropout_p;
+  ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
+  return {out, pre};
+}
+
+// grad_out: the gradient of out (undefined: out was not used); grad_pre_out: of pre (undefined: none)
+variable_list aln_backward(AutogradContext* ctx, at::Tensor grad_out, const at::Tensor& grad_pre_out) {
+  const variable_list s = ctx->get_saved_variables();
+  const double p = ctx->saved_data["dropout_p"].toDouble();
+  const bool has_residual = ctx->saved_data["has_residual"].toBool();
+  if (!grad_out.defined()) grad_out = at::zeros_like(s[0]);
+  const OptTensor g_in = grad_pre_out.defined() ? OptTensor(grad_pre_out.contiguous()) : c10::nullopt;
+  auto [g_pre, g_x, g_w, g_b, g_xb] = aln_bwd().call(grad_out.contiguous(), s[0], or_none(s[1]), or_none(s[2]),
+                                                     or_none(s[3]), or_none(s[4]), s[5], s[6], p, or_none(s[7]), g_in);
+  if (p == 0.0) g_x = g_pre;  // no dropout: d/dx = d/d(pre-norm sum)
+  const at::Tensor none;
+  return {g_x,  s[1].defined() ? g_w : none, s[2].defined() ? g_b : none, has_residual ? g_pre : none,
+          s[4].defined() ? g_xb : none, none, none, none};
+}
+
 struct AddLayerNormFn : public torch::autograd::Function<AddLayerNormFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                             const OptTensor& residual, const OptTensor& x_bias, double eps, double dropout_p,
                             const OptTensor& seed) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    at::Tensor out, mean, rstd;
-    if (saves_pre(x, dropout_p)) {
-      at::Tensor pre;
-      std::tie(out, mean, rstd, pre) = aln_fwd_pre().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
-      // the backward sees h as its x, with no residual; a zero x_bias keeps x_bias's gradient (the column
-      // sum of grad_pre) in the same pass
-      const at::Tensor zero_xb = x_bias.has_value() ? at::zeros_like(*x_bias) : at::Tensor();
-      ctx->save_for_backward({pre, weight, or_undefined(bias), at::Tensor(), zero_xb, mean, rstd, at::Tensor()});
-    } else {
-      std::tie(out, mean, rstd) = aln_fwd().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
-      ctx->save_for_backward({x, weight, or_undefined(bias), or_undefined(residual), or_undefined(x_bias), mean, rstd,
-                              or_undefined(seed)});
-    }
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
-    return out;
+    return aln_forward(ctx, x, weight, bias, residual, x_bias, eps, dropout_p, seed, /*want_pre=*/false).first;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
-    const double p = ctx->saved_data["dropout_p"].toDouble();
-    const bool has_residual = ctx->saved_data["has_residual"].toBool();
-    auto [g_pre, g_x, g_w, g_b, g_xb] = aln_bwd().call(grads[0].contiguous(), s[0], s[1], or_none(s[2]), or_none(s[3]),
-                                                       or_none(s[4]), s[5], s[6], p, or_none(s[7]));
-    if (p == 0.0) g_x = g_pre;  // no dropout: d/dx = d/d(pre-norm sum)
-    const at::Tensor none;
-    return {g_x,  g_w, s[2].defined() ? g_b : none, has_residual ? g_pre : none, s[4].defined() ? g_xb : none, none,
-            none, none};
+    return aln_backward(ctx, grads[0], at::Tensor());
   }
 };
 
-at::Tensor add_layer_norm_autograd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+// add_layer_norm_pre: (out, pre), both differentiable; pre's gradient joins the backward kernel's gradient of
+// the pre-norm sum (add_layer_norm_bwd's grad_pre_out). An unused output's gradient stays undefined.
+struct AddLayerNormPreFn : public torch::autograd::Function<AddLayerNormPreFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+                               const OptTensor& bias, const OptTensor& residual, const OptTensor& x_bias, double eps,
+                               double dropout_p, const OptTensor& seed) {
+    ctx->set_materialize_grads(false);
+    auto [out, pre] = aln_forward(ctx, x, weight, bias, residual, x_bias, eps, dropout_p, seed, /*want_pre=*/true);
+    return {out, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return aln_backward(ctx, grads[0], grads[1]);
+  }
+};
+
+at::Tensor add_layer_norm_autograd(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                    const OptTensor& residual, const OptTensor& x_bias, double eps, double dropout_p,
                                    const OptTensor& seed) {
   return AddLayerNormFn::apply(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
 }
 
-at::Tensor add_layer_norm_forward_only(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+at::Tensor add_layer_norm_forward_only(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                        const OptTensor& residual, const OptTensor& x_bias, double eps, double dropout_p,
                                        const OptTensor& seed) {
   return std::get<0>(aln_fwd().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed));
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_pre_autograd(const at::Tensor& x, const OptTensor& weight,
+                                                               const OptTensor& bias, const OptTensor& residual,
+                                                               const OptTensor& x_bias, double eps, double dropout_p,
+                                                               const OptTensor& seed) {
+  const variable_list r = AddLayerNormPreFn::apply(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_pre_forward_only(const at::Tensor& x, const OptTensor& weight,
+                                                                   const OptTensor& bias, const OptTensor& residual,
+                                                                   const OptTensor& x_bias, double eps,
+                                                                   double dropout_p, const OptTensor& seed) {
+  auto [out, mean, rstd, pre] = aln_fwd_pre().call(x, weight, bias, residual, x_bias, eps, dropout_p, seed);
+  return {out, pre};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,6 +309,7 @@ at::Tensor attention_forward_only(const at::Tensor& q, const at::Tensor& k, cons
 TORCH_LIBRARY_IMPL(fastbert, Autograd, m) {
   m.impl("attention", &attention_autograd);
   m.impl("add_layer_norm", &add_layer_norm_autograd);
+  m.impl("add_layer_norm_pre", &add_layer_norm_pre_autograd);
   m.impl("bias_gelu", &bias_gelu_autograd);
   m.impl("linear_gelu", &linear_gelu_autograd);
 }
@@ -264,6 +317,7 @@ TORCH_LIBRARY_IMPL(fastbert, Autograd, m) {
 TORCH_LIBRARY_IMPL(fastbert, CompositeExplicitAutograd, m) {
   m.impl("attention", &attention_forward_only);
   m.impl("add_layer_norm", &add_layer_norm_forward_only);
+  m.impl("add_layer_norm_pre", &add_layer_norm_pre_forward_only);
   m.impl("bias_gelu", &bias_gelu_forward_only);
   m.impl("linear_gelu", &linear_gelu_forward_only);
 }

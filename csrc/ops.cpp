@@ -2,8 +2,8 @@
 //   csrc/cpu/<op>.cpp             TORCH_LIBRARY_IMPL(fastbert, CPU, m)    (one block per file)
 //   csrc/cuda_bindings/*.cpp      TORCH_LIBRARY_IMPL(fastbert, CUDA, m)   (CUDA builds only)
 //   csrc/autograd.cpp             TORCH_LIBRARY_IMPL(fastbert, Autograd / CompositeExplicitAutograd, m):
-//                                 the training ops add_layer_norm, bias_gelu, linear_gelu, attention (C++ graph nodes
-//                                 over the _fwd/_bwd kernels of whichever device the inputs are on)
+//                                 the training ops add_layer_norm(_pre), bias_gelu, linear_gelu, attention (C++
+//                                 graph nodes over the _fwd/_bwd kernels of whichever device the inputs are on)
 // Fake (meta) kernels, and the autograd wiring of the triton backend, live on the Python side, in
 // fastbert/ops/<op>.py.
 //
@@ -16,28 +16,36 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastbert, m) {
-  // LayerNorm(dropout(x + x_bias) + residual) over the last dim; mean/rstd are fp32 [rows].
+  // LayerNorm(dropout(x + x_bias) + residual) over the last dim; mean/rstd are fp32 [rows]. weight None: no
+  // scale (as ones); bias None: no shift. bias has weight's dtype; without weight, x's dtype or float32.
   m.def(
-      "add_layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? x_bias, "
+      "add_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? x_bias, "
       "float eps, float dropout_p, Tensor? seed) -> (Tensor out, Tensor mean, Tensor rstd)");
-  // The same, also returning the pre-norm sum h = dropout(x + x_bias) + residual in x's dtype (CPU only:
-  // the cpu backend's training forward at dropout_p == 0 saves h, so that its backward reads h instead
-  // of x and residual; see csrc/autograd.cpp).
+  // The same, also returning the pre-norm sum h = dropout(x + x_bias) + residual in x's dtype (rounded once
+  // from fp32): the `pre` of add_layer_norm(..., return_residual=True) on every backend, and what the cpu
+  // backend's training forward saves at fp32 and dropout_p == 0, so that its backward reads h instead of
+  // x and residual (see csrc/autograd.cpp).
   m.def(
-      "add_layer_norm_fwd_pre(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? x_bias, "
+      "add_layer_norm_fwd_pre(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? x_bias, "
       "float eps, float dropout_p, Tensor? seed) -> (Tensor out, Tensor mean, Tensor rstd, Tensor pre)");
-  // grad_pre: gradient w.r.t. the pre-norm sum (= grad of residual; = grad of x when dropout_p == 0).
-  // grad_x: [0] when dropout_p == 0. grad_bias: [0] when bias is None. grad_x_bias: [0] when x_bias is None.
+  // grad_pre: gradient w.r.t. the pre-norm sum (= grad of residual; = grad of x when dropout_p == 0),
+  // including grad_pre_out, the gradient of add_layer_norm_fwd_pre's `pre` output when given (added in fp32).
+  // grad_x: [0] when dropout_p == 0. grad_weight: [0] when weight is None. grad_bias: [0] when bias is None.
+  // grad_x_bias: [0] when x_bias is None.
   m.def(
-      "add_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? residual, "
-      "Tensor? x_bias, Tensor mean, Tensor rstd, float dropout_p, Tensor? seed) -> "
+      "add_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor? x_bias, Tensor mean, Tensor rstd, float dropout_p, Tensor? seed, Tensor? grad_pre_out=None) -> "
       "(Tensor grad_pre, Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_x_bias)");
 
   // The differentiable ops the cpu/cuda backends run when a gradient is wanted: forward kernel, C++ graph
-  // node, backward kernel (csrc/autograd.cpp). Same arguments as the _fwd kernels; return only the output.
+  // node, backward kernel (csrc/autograd.cpp). Same arguments as the _fwd kernels; return only the output
+  // (add_layer_norm_pre: the output and the pre-norm sum, both differentiable).
   m.def(
-      "add_layer_norm(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? x_bias, float eps, "
+      "add_layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? x_bias, float eps, "
       "float dropout_p, Tensor? seed) -> Tensor");
+  m.def(
+      "add_layer_norm_pre(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? x_bias, float eps, "
+      "float dropout_p, Tensor? seed) -> (Tensor out, Tensor pre)");
   m.def("bias_gelu(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def("linear_gelu(Tensor x, Tensor weight, Tensor? bias, str approximate) -> Tensor");
   m.def(

@@ -87,7 +87,7 @@ def _apply_dropout(t: torch.Tensor, p: float, seed, offsets: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------
 def add_layer_norm(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     *,
     residual: Optional[torch.Tensor] = None,
@@ -95,16 +95,20 @@ def add_layer_norm(
     eps: float = 1e-12,
     dropout_p: float = 0.0,
     seed=None,
-) -> torch.Tensor:
-    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, as BertSelfOutput/BertOutput do.
-    Dropout offsets are the row-major linear indices of x viewed as [rows, N]."""
+    return_residual: bool = False,
+):
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, as BertSelfOutput/BertOutput do
+    (weight/bias None: no scale/shift). Dropout offsets are the row-major linear indices of x viewed as
+    [rows, N]. return_residual: (out, pre) with pre = dropout(x + x_bias) + residual, the pre-norm sum
+    (a pre-norm block's residual stream)."""
     h = x if x_bias is None else x + x_bias
     if dropout_p > 0.0:
         offsets = torch.arange(h.numel(), device=h.device).reshape(h.shape)
         h = _apply_dropout(h, dropout_p, seed, offsets)
     if residual is not None:
         h = h + residual
-    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    out = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    return (out, h) if return_residual else out
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

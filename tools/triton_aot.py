@@ -138,10 +138,11 @@ _ROLES: Dict[str, Dict[str, str]] = {
                                        Mask="u8", Bias="x", CuSeqlens="i32", Seed="i64"),
     "_attention_bwd_dq_kernel": dict(Q="x", K="x", V="x", DO="x", Lse="fp32", Delta="fp32", DQ="x", Mask="u8",
                                      Bias="x", CuSeqlens="i32", Seed="i64"),
-    "_add_layer_norm_fwd_kernel": dict(X="x", RES="x", W="w", B="w", XB="w", SEED="i64", OUT="x", MEAN="fp32",
-                                       RSTD="fp32"),
+    "_add_layer_norm_fwd_kernel": dict(X="x", RES="x", W="w", B="w", XB="w", SEED="i64", OUT="x", PRE="x",
+                                       MEAN="fp32", RSTD="fp32"),
     "_add_layer_norm_bwd_kernel": dict(DY="x", X="x", RES="x", W="w", XB="w", SEED="i64", MEAN="fp32", RSTD="fp32",
-                                       DPRE="x", DX="x", DW_PART="fp32", DB_PART="fp32", DXB_PART="fp32"),
+                                       DPRE_IN="x", DPRE="x", DX="x", DW_PART="fp32", DB_PART="fp32",
+                                       DXB_PART="fp32"),
     "_bias_gelu_fwd_kernel": dict(X="x", B="x", OUT="x"),
     "_bias_gelu_bwd_kernel": dict(DY="x", X="x", B="x", DX="x"),
     "_linear_gelu_fwd_kernel": dict(X="x", W="x", B="x", OUT="x", PRE="x"),
@@ -314,12 +315,14 @@ def attention_variants(which: str, cover: str, archs) -> List[Variant]:
 
 
 def layer_norm_variants(cover: str, archs) -> List[Variant]:
-    names = ["HAS_RES", "HAS_B", "HAS_XB", "HAS_DROPOUT"]
-    model = dict(HAS_RES=True, HAS_B=True, HAS_XB=False, HAS_DROPOUT=False)
-    full = dict.fromkeys(names, True)
-    fsets = _flag_sets(names, lambda f: True, "all" if cover == "all" else "cover", [model])
     out = []
     for kernel, backward in (("_add_layer_norm_fwd_kernel", False), ("_add_layer_norm_bwd_kernel", True)):
+        # the pre-norm (return_residual) flag: the forward stores h, the backward takes h's own gradient
+        names = ["HAS_RES", "HAS_B", "HAS_XB", "HAS_DROPOUT", _LN_PRE_FLAG[kernel]]
+        model = dict.fromkeys(names, False)
+        model.update(HAS_RES=True, HAS_B=True)
+        full = dict.fromkeys(names, True)
+        fsets = _flag_sets(names, lambda f: True, "all" if cover == "all" else "cover", [model])
         for dtype, block, arch in itertools.product(DTYPES, LN_BLOCKS[cover], archs):
             for f in _cover_filter(cover, fsets, full, [dict.fromkeys(names, False), model], block == 1024):
                 consts = dict(f, BLOCK_N=block)
@@ -327,6 +330,9 @@ def layer_norm_variants(cover: str, archs) -> List[Variant]:
                     out.append(Variant(kernel, arch, dtype, tuple(consts.items()), _ln._num_warps(block, backward),
                                        3, "fixed", wdtype=wdtype, fp_fusion=False))
     return out
+
+
+_LN_PRE_FLAG = {"_add_layer_norm_fwd_kernel": "STORE_PRE", "_add_layer_norm_bwd_kernel": "HAS_DPRE_IN"}
 
 
 def bias_gelu_variants(cover: str, archs) -> List[Variant]:
@@ -409,8 +415,12 @@ def model_variants(archs) -> List[Variant]:
         out.append(Variant("_attention_bwd_preprocess_kernel", arch, "bf16",
                            tuple(dict(HEAD_D=64, BLOCK_D=64, BLOCK_M=64).items()), 4, 3, "fixed"))
         for kernel, backward in (("_add_layer_norm_fwd_kernel", False), ("_add_layer_norm_bwd_kernel", True)):
+            pre = _LN_PRE_FLAG[kernel]  # post-norm (BERT) models without it; pre-norm ones (return_residual) with
             for dtype, wdtype, block, f in (("bf16", "fp32", 1024, ln_model), ("fp16", "", 1024, ln_full),
-                                            ("fp32", "", 1024, ln_full), ("bf16", "", 8192, ln_full)):
+                                            ("fp32", "", 1024, ln_full), ("bf16", "", 8192, ln_full),
+                                            ("bf16", "", 1024, dict(ln_model, **{pre: True}))):
+                f = dict(f)
+                f.setdefault(pre, False)
                 out.append(Variant(kernel, arch, dtype, tuple(dict(f, BLOCK_N=block).items()),
                                    _ln._num_warps(block, backward), 3, "fixed", wdtype=wdtype, fp_fusion=False))
         for kernel in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
@@ -432,6 +442,8 @@ _CI_PICKS = (
     ("_linear_gelu_fwd_kernel", "bf16", 0, ""), ("_linear_gelu_fwd_kernel", "fp32", 0, "ACTIVATION=0"),
     ("_add_layer_norm_fwd_kernel", "bf16", 0, "BLOCK_N=1024"),
     ("_add_layer_norm_bwd_kernel", "bf16", 0, "BLOCK_N=1024"),
+    ("_add_layer_norm_fwd_kernel", "bf16", 0, "STORE_PRE=1"),
+    ("_add_layer_norm_bwd_kernel", "bf16", 0, "HAS_DPRE_IN=1"),
     ("_bias_gelu_fwd_kernel", "bf16", 0, ""), ("_bias_gelu_bwd_kernel", "bf16", 0, ""),
 )
 
@@ -481,7 +493,8 @@ def bert_base_variants(dtype: str = "bf16", arch: int = 90) -> List[Variant]:
     # without dropout; its backward
     for kernel, backward in (("_add_layer_norm_fwd_kernel", False), ("_add_layer_norm_bwd_kernel", True)):
         for dropout in ((False, True) if not backward else (True,)):
-            consts = dict(HAS_RES=True, HAS_B=True, HAS_XB=True, HAS_DROPOUT=dropout, BLOCK_N=1024)
+            consts = dict(HAS_RES=True, HAS_B=True, HAS_XB=True, HAS_DROPOUT=dropout, **{_LN_PRE_FLAG[kernel]: False},
+                          BLOCK_N=1024)
             out.append(Variant(kernel, arch, dtype, tuple(consts.items()), _ln._num_warps(1024, backward), 3,
                                "bert-base", fp_fusion=False))
     c = configs.gemm(fam, dtype, 4096)

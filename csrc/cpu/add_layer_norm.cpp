@@ -10,6 +10,10 @@
 // dL/dh is grad_pre (= grad of residual). Dropout h = z * (x + x_bias) with z in {0, 1/(1-p)}
 // regenerated from the same Philox counters, so grad_x = z * grad_pre; grad_x_bias sums grad_x over
 // rows; grad_weight = sum over rows of g * xhat, grad_bias = sum of g.
+//
+// Pre-norm models (return_residual=True) also take h itself from add_layer_norm_fwd_pre, and give its
+// incoming gradient grad_pre_out to the backward, which adds it to dL/dh in fp32 before anything is
+// rounded or masked. A missing weight (LayerNorm without a scale) is a row of ones: w * 1 = w exactly.
 #include <type_traits>
 #include <utility>
 
@@ -125,10 +129,13 @@ void fwd_kernel(const RowInputs& in, int64_t rows, const T* x, const T* res, con
 }
 
 // Backward of one row. Pass 1 rebuilds h, forms xhat and wg (kept in scratch), the two row means and
-// the weight/bias column partials; pass 2 writes dL/dh (and its dropout-masked copy).
-inline void bwd_row(const Row& r, const float* __restrict g, int64_t n, const float* __restrict w, float mu, float rs,
-                    float* __restrict xh, float* __restrict wgs, float* __restrict gpre, float* __restrict gx,
-                    float* __restrict pw, float* __restrict pb, float* __restrict pxb) {
+// the weight/bias column partials; pass 2 writes dL/dh (plus gin, h's own incoming gradient, when kGin)
+// and its dropout-masked copy. kGin is a template flag so that the usual backward has no extra test.
+template <bool kGin>
+inline void bwd_row(const Row& r, const float* __restrict g, const float* __restrict gin, int64_t n,
+                    const float* __restrict w, float mu, float rs, float* __restrict xh, float* __restrict wgs,
+                    float* __restrict gpre, float* __restrict gx, float* __restrict pw, float* __restrict pb,
+                    float* __restrict pxb) {
   const Vec vmu(mu), vrs(rs);
   double sums[2];
   blocked_vsums<2>(n, sums, [&](int64_t j, int64_t c, Vec* acc) {
@@ -145,6 +152,7 @@ inline void bwd_row(const Row& r, const float* __restrict g, int64_t n, const fl
   const Vec c1(static_cast<float>(sums[0] / n)), c2(static_cast<float>(sums[1] / n));
   for_vecs(n, [&](int64_t j, int64_t c) {
     Vec d = vrs * (Vec::loadu(wgs + j) - c1 - Vec::loadu(xh + j) * c2);
+    if constexpr (kGin) d = d + Vec::loadu(gin + j, c);
     d.store(gpre + j, c);
     if (r.z != nullptr) {
       d = d * Vec::loadu(r.z + j, c);
@@ -154,10 +162,11 @@ inline void bwd_row(const Row& r, const float* __restrict g, int64_t n, const fl
   });
 }
 
-template <typename T>
-void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const T* res, const float* w,
-                const float* mean, const float* rstd, T* grad_pre, T* grad_x, float* part_w, float* part_b,
-                float* part_xb, int64_t block) {
+// gin (nullptr: none): the incoming gradient of the pre-norm sum h, added to grad_pre
+template <typename T, bool kGin>
+void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* gin, const T* x, const T* res,
+                const float* w, const float* mean, const float* rstd, T* grad_pre, T* grad_x, float* part_w,
+                float* part_b, float* part_xb, int64_t block) {
   const int64_t n = in.n;
   const int64_t nblk = (rows + block - 1) / block;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -165,7 +174,7 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
     const int64_t len = scratch_len(n);
     std::vector<float> xh(len), wgs(len), z(in.drop.on ? n : 0);
     std::vector<float> xbuf(kF32 ? 0 : n), rbuf(kF32 ? 0 : n), gbuf(kF32 ? 0 : n), pre(kF32 ? 0 : n),
-        gxb(kF32 || !in.drop.on ? 0 : n);
+        gxb(kF32 || !in.drop.on ? 0 : n), ginbuf(kF32 || !kGin ? 0 : n);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* pw = part_w + blk * n;
       float* pb = part_b + blk * n;
@@ -176,19 +185,24 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
       const int64_t rend = std::min(rows, (blk + 1) * block);
       for (int64_t i = blk * block; i < rend; ++i) {
         const Row row = load_row(in, x, res, i, xbuf.data(), rbuf.data(), z.data());
-        const float* gr;
+        const float *gr, *gir = nullptr;
         float *gp, *gxr = nullptr;
         if constexpr (kF32) {
           gr = g + i * n;
+          if constexpr (kGin) gir = gin + i * n;
           gp = grad_pre + i * n;
           if (in.drop.on) gxr = grad_x + i * n;
         } else {
           to_f32(g + i * n, gbuf.data(), n);
           gr = gbuf.data();
+          if constexpr (kGin) {
+            to_f32(gin + i * n, ginbuf.data(), n);
+            gir = ginbuf.data();
+          }
           gp = pre.data();
           if (in.drop.on) gxr = gxb.data();
         }
-        bwd_row(row, gr, n, w, mean[i], rstd[i], xh.data(), wgs.data(), gp, gxr, pw, pb, pxb);
+        bwd_row<kGin>(row, gr, gir, n, w, mean[i], rstd[i], xh.data(), wgs.data(), gp, gxr, pw, pb, pxb);
         if constexpr (!kF32) {
           from_f32(pre.data(), grad_pre + i * n, n);
           if (in.drop.on) from_f32(gxb.data(), grad_x + i * n, n);
@@ -198,18 +212,19 @@ void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* x, const
   });
 }
 
-void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                  const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias) {
+void check_common(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                  const c10::optional<at::Tensor>& x_bias) {
   check_cpu(op, "x", x);
   check_dim(op, "x", x, 2);
   check_kernel_dtype(op, "x", x);
   check_contiguous(op, "x", x);
   const int64_t n = x.size(1);
-  check_vector(op, "weight", weight, n, x.scalar_type());
+  if (has(weight)) check_vector(op, "weight", *weight, n, x.scalar_type());
   if (has(bias)) {
     check_vector(op, "bias", *bias, n, x.scalar_type());
-    FB_CHECK(bias->scalar_type() == weight.scalar_type(), op, "bias must have weight's dtype ", weight.scalar_type(),
-             ", got ", bias->scalar_type());
+    FB_CHECK(!has(weight) || bias->scalar_type() == weight->scalar_type(), op, "bias must have weight's dtype ",
+             weight->scalar_type(), ", got ", bias->scalar_type());
   }
   if (has(x_bias)) check_vector(op, "x_bias", *x_bias, n, x.scalar_type());
   if (has(residual)) {
@@ -222,8 +237,20 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+// weight as fp32, ones when there is none
+std::vector<float> weight_f32(const c10::optional<at::Tensor>& weight, int64_t n) {
+  return has(weight) ? vector_f32(weight) : std::vector<float>(n, 1.f);
+}
+
+// dtype of the parameter gradients: weight's, else bias's, else x's
+at::ScalarType param_dtype(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias) {
+  return has(weight) ? weight->scalar_type() : has(bias) ? bias->scalar_type() : x.scalar_type();
+}
+
 // The forward, with the pre-norm sum h written to `pre` when it is defined.
-void fwd_into(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+void fwd_into(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+              const c10::optional<at::Tensor>& bias,
               const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
               double dropout_p, const c10::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& mean,
               at::Tensor& rstd, at::Tensor* pre) {
@@ -237,7 +264,7 @@ void fwd_into(const char* op, const at::Tensor& x, const at::Tensor& weight, con
   if (pre != nullptr) *pre = new_output(x.sizes(), x.scalar_type());
   if (rows == 0) return;
   FB_CHECK(n > 0, op, "x must have a non-empty last dim, got shape ", x.sizes());
-  const std::vector<float> w = vector_f32(weight), b = vector_f32(bias), xb = vector_f32(x_bias);
+  const std::vector<float> w = weight_f32(weight, n), b = vector_f32(bias), xb = vector_f32(x_bias);
   RowInputs in{n, xb.empty() ? nullptr : xb.data(), Dropout(dropout_p, s)};
   FB_DISPATCH(x.scalar_type(), kFwd, [&] {
     fwd_kernel<scalar_t>(in, rows, x.data_ptr<scalar_t>(), has(residual) ? residual->data_ptr<scalar_t>() : nullptr,
@@ -247,7 +274,8 @@ void fwd_into(const char* op, const at::Tensor& x, const at::Tensor& weight, con
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tensor& x,
+                                                                  const c10::optional<at::Tensor>& weight,
                                                                   const c10::optional<at::Tensor>& bias,
                                                                   const c10::optional<at::Tensor>& residual,
                                                                   const c10::optional<at::Tensor>& x_bias, double eps,
@@ -259,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_pre(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps, double dropout_p,
     const c10::optional<at::Tensor>& seed) {
   at::Tensor out, mean, rstd, pre;
@@ -268,15 +296,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_pr
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, const at::Tensor& mean,
-    const at::Tensor& rstd, double dropout_p, const c10::optional<at::Tensor>& seed) {
+    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& x_bias, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& grad_pre_out) {
   check_common(kBwd, x, weight, bias, residual, x_bias);
-  check_cpu(kBwd, "grad_out", grad_out);
-  FB_CHECK(grad_out.sizes() == x.sizes(), kBwd, "grad_out must have x's shape ", x.sizes(), ", got ", grad_out.sizes());
-  FB_CHECK(grad_out.scalar_type() == x.scalar_type(), kBwd, "grad_out must have x's dtype ", x.scalar_type(), ", got ",
-           grad_out.scalar_type());
-  check_contiguous(kBwd, "grad_out", grad_out);
+  const bool gin = has(grad_pre_out);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out},
+                                {"grad_pre_out", gin ? &*grad_pre_out : nullptr}}) {
+    if (t == nullptr) continue;
+    check_cpu(kBwd, name, *t);
+    FB_CHECK(t->sizes() == x.sizes(), kBwd, name, " must have x's shape ", x.sizes(), ", got ", t->sizes());
+    FB_CHECK(t->scalar_type() == x.scalar_type(), kBwd, name, " must have x's dtype ", x.scalar_type(), ", got ",
+             t->scalar_type());
+    check_contiguous(kBwd, name, *t);
+  }
   const int64_t rows = x.size(0), n = x.size(1);
   for (auto* p : {&mean, &rstd}) {
     const char* name = p == &mean ? "mean" : "rstd";
@@ -295,22 +329,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
   auto part_w = scratch_f32(nblk * n), part_b = scratch_f32(nblk * n);
   auto part_xb = has(x_bias) ? scratch_f32(nblk * n) : nullptr;
   if (rows > 0) {
-    const std::vector<float> w = vector_f32(weight), xb = vector_f32(x_bias);
+    const std::vector<float> w = weight_f32(weight, n), xb = vector_f32(x_bias);
     RowInputs in{n, xb.empty() ? nullptr : xb.data(), Dropout(dropout_p, s)};
     FB_DISPATCH(x.scalar_type(), kBwd, [&] {
-      bwd_kernel<scalar_t>(in, rows, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                           has(residual) ? residual->data_ptr<scalar_t>() : nullptr, w.data(), mean.data_ptr<float>(),
-                           rstd.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
-                           drop ? grad_x.data_ptr<scalar_t>() : nullptr, part_w.get(), part_b.get(), part_xb.get(),
-                           block);
+      const auto run = [&](auto kGin) {
+        bwd_kernel<scalar_t, decltype(kGin)::value>(
+            in, rows, grad_out.data_ptr<scalar_t>(), gin ? grad_pre_out->data_ptr<scalar_t>() : nullptr,
+            x.data_ptr<scalar_t>(), has(residual) ? residual->data_ptr<scalar_t>() : nullptr, w.data(),
+            mean.data_ptr<float>(), rstd.data_ptr<float>(), grad_pre.data_ptr<scalar_t>(),
+            drop ? grad_x.data_ptr<scalar_t>() : nullptr, part_w.get(), part_b.get(), part_xb.get(), block);
+      };
+      if (gin) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
     });
   }
   std::vector<float> gw(n), gb(n), gxb(has(x_bias) ? n : 0);
-  sum_partials(part_w.get(), rows > 0 ? nblk : 0, n, gw.data());
+  if (has(weight)) sum_partials(part_w.get(), rows > 0 ? nblk : 0, n, gw.data());
   sum_partials(part_b.get(), rows > 0 ? nblk : 0, n, gb.data());
   if (has(x_bias)) sum_partials(part_xb.get(), rows > 0 ? nblk : 0, n, gxb.data());
-  at::Tensor grad_w = tensor_from_f32(gw, {n}, weight.scalar_type());
-  at::Tensor grad_b = has(bias) ? tensor_from_f32(gb, {n}, bias->scalar_type()) : no_output(weight.scalar_type());
+  const at::ScalarType p_dtype = param_dtype(x, weight, bias);
+  at::Tensor grad_w = has(weight) ? tensor_from_f32(gw, {n}, p_dtype) : no_output(p_dtype);
+  at::Tensor grad_b = has(bias) ? tensor_from_f32(gb, {n}, bias->scalar_type()) : no_output(p_dtype);
   at::Tensor grad_xb = has(x_bias) ? tensor_from_f32(gxb, {n}, xb_dtype) : no_output(x.scalar_type());
   return {grad_pre, grad_x, grad_w, grad_b, grad_xb};
 }

@@ -17,6 +17,9 @@
 //   grad_weight = sum_rows grad_out * xhat;  grad_bias = sum_rows grad_out
 // The column sums are deterministic: each block sums its rows into a workspace row, then one small
 // kernel adds the workspace rows in a fixed order.
+// Pre-norm models (return_residual=True): the forward also stores h (pre_out, rounded once to T), and the
+// backward adds h's incoming gradient (grad_pre_in) to grad_pre in fp32, before the dropout mask and the
+// x_bias column sum. Both pointers may be nullptr; a missing LayerNorm weight arrives as ones (binding).
 #include <initializer_list>
 #include <type_traits>
 
@@ -88,6 +91,7 @@ __global__ void __launch_bounds__(G < kMinBlock ? kMinBlock : G)
                               const float* __restrict__ weight,  // [n]
                               const float* __restrict__ bias,    // [n] or nullptr
                               T* __restrict__ out,               // [rows, n]
+                              T* __restrict__ pre_out,           // [rows, n] the pre-norm sum h, or nullptr
                               float* __restrict__ mean_out,      // [rows]
                               float* __restrict__ rstd_out,      // [rows]
                               int64_t rows, int64_t n, float eps, float inv_keep, uint32_t threshold,
@@ -112,6 +116,7 @@ __global__ void __launch_bounds__(G < kMinBlock ? kMinBlock : G)
       const int64_t v = lane + static_cast<int64_t>(k) * G;
       if (active && v < nvec) {
         load_pre<T, VEC>(x, residual, x_bias, row, v * VEC, n, dropout, seed, threshold, inv_keep, h[k], keep[k]);
+        if (pre_out != nullptr) store_vec<T, VEC>(pre_out + row * n + v * VEC, h[k]);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) s += h[k][j];
       }
@@ -170,6 +175,7 @@ __global__ void __launch_bounds__(G < kMinBlock ? kMinBlock : G)
                               const float* __restrict__ weight,   // [n]
                               const float* __restrict__ mean_in,  // [rows]
                               const float* __restrict__ rstd_in,  // [rows]
+                              const T* __restrict__ grad_pre_in,  // [rows, n] gradient of h's own output, or nullptr
                               T* __restrict__ grad_pre,           // [rows, n]
                               T* __restrict__ grad_x,             // [rows, n] or nullptr (no dropout)
                               float* __restrict__ workspace,      // [gridDim.x, 3, n]
@@ -229,6 +235,12 @@ __global__ void __launch_bounds__(G < kMinBlock ? kMinBlock : G)
         float dpre[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) dpre[j] = rstd * (dy[k][j] - mean_dy - xhat[k][j] * mean_dyx);
+        if (grad_pre_in != nullptr) {
+          float gin[VEC];
+          load_vec<T, VEC>(grad_pre_in + row * n + col, gin);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) dpre[j] += gin[j];
+        }
         store_vec<T, VEC>(grad_pre + row * n + col, dpre);
         if (dropout) {
           float dx[VEC];
@@ -332,7 +344,7 @@ struct Common {
 };
 
 template <typename T, int VEC, int G>
-cudaError_t fwd_launch(const Common& c, const float* bias, void* out, float* mean, float* rstd, float eps,
+cudaError_t fwd_launch(const Common& c, const float* bias, void* out, void* pre, float* mean, float* rstd, float eps,
                        cudaStream_t stream) {
   constexpr int MAXV = maxv_for<VEC>();
   constexpr int BLOCK = G < kMinBlock ? kMinBlock : G;
@@ -341,14 +353,14 @@ cudaError_t fwd_launch(const Common& c, const float* bias, void* out, float* mea
   if (grid > (1 << 24)) grid = 1 << 24;  // the row loop strides over the rest
   add_layer_norm_fwd_kernel<T, VEC, MAXV, G><<<static_cast<unsigned>(grid), BLOCK, 0, stream>>>(
       static_cast<const T*>(c.x), static_cast<const T*>(c.residual), c.x_bias, c.weight, bias, static_cast<T*>(out),
-      mean, rstd, c.rows, c.n, eps, c.inv_keep, c.threshold, c.seed);
+      static_cast<T*>(pre), mean, rstd, c.rows, c.n, eps, c.inv_keep, c.threshold, c.seed);
   return cudaGetLastError();
 }
 
 template <typename T, int VEC, int G>
-cudaError_t bwd_launch(const Common& c, const void* grad_out, const float* mean, const float* rstd, void* grad_pre,
-                       void* grad_x, float* grad_weight, float* grad_bias, float* grad_x_bias, float* workspace,
-                       int sm_count, cudaStream_t stream) {
+cudaError_t bwd_launch(const Common& c, const void* grad_out, const void* grad_pre_in, const float* mean,
+                       const float* rstd, void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias,
+                       float* grad_x_bias, float* workspace, int sm_count, cudaStream_t stream) {
   constexpr int MAXV = maxv_for<VEC>();
   constexpr int BLOCK = G < kMinBlock ? kMinBlock : G;
   constexpr int GPB = BLOCK / G;
@@ -368,8 +380,8 @@ cudaError_t bwd_launch(const Common& c, const void* grad_out, const float* mean,
     }
     kernel<<<static_cast<unsigned>(grid), BLOCK, smem, stream>>>(
         static_cast<const T*>(grad_out), static_cast<const T*>(c.x), static_cast<const T*>(c.residual), c.x_bias,
-        c.weight, mean, rstd, static_cast<T*>(grad_pre), static_cast<T*>(grad_x), workspace, c.rows, c.n, c.inv_keep,
-        c.threshold, c.seed);
+        c.weight, mean, rstd, static_cast<const T*>(grad_pre_in), static_cast<T*>(grad_pre), static_cast<T*>(grad_x),
+        workspace, c.rows, c.n, c.inv_keep, c.threshold, c.seed);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -417,35 +429,36 @@ bool can_vectorize(int64_t n, std::initializer_list<const void*> act, std::initi
 }
 
 template <typename T>
-cudaError_t fwd_typed(const Common& c, const float* bias, void* out, float* mean, float* rstd, float eps,
+cudaError_t fwd_typed(const Common& c, const float* bias, void* out, void* pre, float* mean, float* rstd, float eps,
                       cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  if (can_vectorize<T>(c.n, {c.x, c.residual, out}, {})) {
+  if (can_vectorize<T>(c.n, {c.x, c.residual, out, pre}, {})) {
     const int g = group_size(c.n / kVec, maxv_for<kVec>());
-    return with_group<max_group_vec<kVec>()>(
-        g, [&](auto G) { return fwd_launch<T, kVec, decltype(G)::value>(c, bias, out, mean, rstd, eps, stream); });
+    return with_group<max_group_vec<kVec>()>(g, [&](auto G) {
+      return fwd_launch<T, kVec, decltype(G)::value>(c, bias, out, pre, mean, rstd, eps, stream);
+    });
   }
   const int g = group_size(c.n, maxv_for<1>());
   return with_group<1024>(
-      g, [&](auto G) { return fwd_launch<T, 1, decltype(G)::value>(c, bias, out, mean, rstd, eps, stream); });
+      g, [&](auto G) { return fwd_launch<T, 1, decltype(G)::value>(c, bias, out, pre, mean, rstd, eps, stream); });
 }
 
 template <typename T>
-cudaError_t bwd_typed(const Common& c, const void* grad_out, const float* mean, const float* rstd, void* grad_pre,
-                      void* grad_x, float* grad_weight, float* grad_bias, float* grad_x_bias, float* workspace,
-                      int sm_count, cudaStream_t stream) {
+cudaError_t bwd_typed(const Common& c, const void* grad_out, const void* grad_pre_in, const float* mean,
+                      const float* rstd, void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias,
+                      float* grad_x_bias, float* workspace, int sm_count, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  if (can_vectorize<T>(c.n, {c.x, c.residual, grad_out, grad_pre, grad_x}, {})) {
+  if (can_vectorize<T>(c.n, {c.x, c.residual, grad_out, grad_pre_in, grad_pre, grad_x}, {})) {
     const int g = group_size(c.n / kVec, maxv_for<kVec>());
     return with_group<max_group_vec<kVec>()>(g, [&](auto G) {
-      return bwd_launch<T, kVec, decltype(G)::value>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias,
-                                                     grad_x_bias, workspace, sm_count, stream);
+      return bwd_launch<T, kVec, decltype(G)::value>(c, grad_out, grad_pre_in, mean, rstd, grad_pre, grad_x,
+                                                     grad_weight, grad_bias, grad_x_bias, workspace, sm_count, stream);
     });
   }
   const int g = group_size(c.n, maxv_for<1>());
   return with_group<1024>(g, [&](auto G) {
-    return bwd_launch<T, 1, decltype(G)::value>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias,
-                                                grad_x_bias, workspace, sm_count, stream);
+    return bwd_launch<T, 1, decltype(G)::value>(c, grad_out, grad_pre_in, mean, rstd, grad_pre, grad_x, grad_weight,
+                                                grad_bias, grad_x_bias, workspace, sm_count, stream);
   });
 }
 
@@ -468,7 +481,7 @@ Common make_common(const void* x, const void* residual, const float* x_bias, con
 }  // namespace
 
 cudaError_t add_layer_norm_fwd(DType dtype, const void* x, const void* residual, const float* x_bias,
-                               const float* weight, const float* bias, void* out, float* mean, float* rstd,
+                               const float* weight, const float* bias, void* out, void* pre, float* mean, float* rstd,
                                int64_t rows, int64_t n, float eps, double dropout_p, const int64_t* seed,
                                cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
@@ -476,11 +489,11 @@ cudaError_t add_layer_norm_fwd(DType dtype, const void* x, const void* residual,
   const Common c = make_common(x, residual, x_bias, weight, rows, n, dropout_p, seed);
   switch (dtype) {
     case DType::kFloat16:
-      return fwd_typed<__half>(c, bias, out, mean, rstd, eps, stream);
+      return fwd_typed<__half>(c, bias, out, pre, mean, rstd, eps, stream);
     case DType::kBFloat16:
-      return fwd_typed<__nv_bfloat16>(c, bias, out, mean, rstd, eps, stream);
+      return fwd_typed<__nv_bfloat16>(c, bias, out, pre, mean, rstd, eps, stream);
     default:
-      return fwd_typed<float>(c, bias, out, mean, rstd, eps, stream);
+      return fwd_typed<float>(c, bias, out, pre, mean, rstd, eps, stream);
   }
 }
 
@@ -488,11 +501,11 @@ int64_t add_layer_norm_bwd_workspace_bytes(int64_t rows, int64_t n, int device_s
   return bwd_grid_bound(rows, device_sm_count) * 3 * n * static_cast<int64_t>(sizeof(float));
 }
 
-cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* x, const void* residual,
-                               const float* x_bias, const float* weight, const float* mean, const float* rstd,
-                               void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias, float* grad_x_bias,
-                               int64_t rows, int64_t n, double dropout_p, const int64_t* seed, float* workspace,
-                               int device_sm_count, cudaStream_t stream) {
+cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* grad_pre_in, const void* x,
+                               const void* residual, const float* x_bias, const float* weight, const float* mean,
+                               const float* rstd, void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias,
+                               float* grad_x_bias, int64_t rows, int64_t n, double dropout_p, const int64_t* seed,
+                               float* workspace, int device_sm_count, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (n > kMaxLayerNormHidden) return cudaErrorInvalidValue;
   if (rows < 0) return cudaErrorInvalidValue;
@@ -500,14 +513,14 @@ cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* x,
   if (c.seed != nullptr && grad_x == nullptr) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat16:
-      return bwd_typed<__half>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias, grad_x_bias,
-                               workspace, device_sm_count, stream);
+      return bwd_typed<__half>(c, grad_out, grad_pre_in, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias,
+                               grad_x_bias, workspace, device_sm_count, stream);
     case DType::kBFloat16:
-      return bwd_typed<__nv_bfloat16>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias, grad_x_bias,
-                                      workspace, device_sm_count, stream);
+      return bwd_typed<__nv_bfloat16>(c, grad_out, grad_pre_in, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias,
+                                      grad_x_bias, workspace, device_sm_count, stream);
     default:
-      return bwd_typed<float>(c, grad_out, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias, grad_x_bias, workspace,
-                              device_sm_count, stream);
+      return bwd_typed<float>(c, grad_out, grad_pre_in, mean, rstd, grad_pre, grad_x, grad_weight, grad_bias,
+                              grad_x_bias, workspace, device_sm_count, stream);
   }
 }
 

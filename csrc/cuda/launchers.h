@@ -29,27 +29,29 @@ cudaError_t bias_gelu_bwd(DType dtype, const void* grad_out, const void* x, cons
 
 // ------------------------------------------------------------------------------------------------
 // add_layer_norm (csrc/cuda/add_layer_norm.cu): out = LayerNorm(dropout(x + x_bias) + residual).
-// x, residual, out, grad_*: [rows, n] contiguous, dtype `dtype`. weight, bias, x_bias: fp32 [n]
-// (bias, x_bias, residual may be nullptr). mean, rstd: fp32 [rows]. seed: device int64 [1] (read
-// in-kernel), nullptr when dropout_p == 0. n <= 8192.
+// x, residual, out, pre, grad_*: [rows, n] contiguous, dtype `dtype`. weight, bias, x_bias: fp32 [n]
+// (bias, x_bias, residual may be nullptr; a missing LayerNorm weight is passed as ones). mean, rstd: fp32
+// [rows]. seed: device int64 [1] (read in-kernel), nullptr when dropout_p == 0. n <= 8192.
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t kMaxLayerNormHidden = 8192;
 
+// pre (nullptr: not wanted) receives the pre-norm sum h = dropout(x + x_bias) + residual, rounded once.
 cudaError_t add_layer_norm_fwd(DType dtype, const void* x, const void* residual, const float* x_bias,
-                               const float* weight, const float* bias, void* out, float* mean, float* rstd,
+                               const float* weight, const float* bias, void* out, void* pre, float* mean, float* rstd,
                                int64_t rows, int64_t n, float eps, double dropout_p, const int64_t* seed,
                                cudaStream_t stream);
 
 // Bytes of fp32 workspace add_layer_norm_bwd needs (column partial sums); the binding allocates it.
 int64_t add_layer_norm_bwd_workspace_bytes(int64_t rows, int64_t n, int device_sm_count);
 
-// grad_pre = d loss / d (pre-norm sum) [rows, n] dtype; grad_x = grad_pre * keep / (1 - p) when
+// grad_pre = d loss / d (pre-norm sum) [rows, n] dtype, including grad_pre_in (the gradient of the
+// forward's pre output; nullptr: none) added in fp32; grad_x = grad_pre * keep / (1 - p) when
 // dropout_p > 0 (else nullptr); grad_weight, grad_bias (nullable), grad_x_bias (nullable): fp32 [n].
-cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* x, const void* residual,
-                               const float* x_bias, const float* weight, const float* mean, const float* rstd,
-                               void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias, float* grad_x_bias,
-                               int64_t rows, int64_t n, double dropout_p, const int64_t* seed, float* workspace,
-                               int device_sm_count, cudaStream_t stream);
+cudaError_t add_layer_norm_bwd(DType dtype, const void* grad_out, const void* grad_pre_in, const void* x,
+                               const void* residual, const float* x_bias, const float* weight, const float* mean,
+                               const float* rstd, void* grad_pre, void* grad_x, float* grad_weight, float* grad_bias,
+                               float* grad_x_bias, int64_t rows, int64_t n, double dropout_p, const int64_t* seed,
+                               float* workspace, int device_sm_count, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
 // attention (csrc/cuda/attention.cu): FlashAttention-2, fp16/bf16 on tensor cores (WMMA, fp32

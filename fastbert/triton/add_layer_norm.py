@@ -1,5 +1,10 @@
 """Triton kernels of add_layer_norm: LayerNorm(dropout(x + x_bias) + residual) over the last dim.
 
+The forward can also store the pre-norm sum h (STORE_PRE: return_residual=True, a pre-norm block's
+residual stream), rounded once from fp32 to x's dtype; the backward then takes h's own incoming gradient
+(HAS_DPRE_IN), added in fp32 to the LayerNorm's gradient of h before anything is rounded. A missing
+weight (LayerNorm without a scale) reaches the kernels as a vector of ones, exact since w * 1 = w.
+
 Layout and conventions are those of the C++ schemas in csrc/ops.cpp: x/residual [rows, N] with unit
 stride along N, weight/bias/x_bias [N] (weight may be fp32 while x is fp16/bf16), mean/rstd fp32
 [rows]. Dropout is the Philox stream of fastbert/reference.py: element (row, col) has counter
@@ -26,7 +31,8 @@ Backward math (one row; N elements; w = weight, g = grad_out, mu = mean, r = rst
     dh_i = sum_j gy_j * d xhat_j / d h_i
          = r * (gy_i - mean_j(gy_j) - xhat_i * mean_j(gy_j * xhat_j))
 
-  grad_pre = dh (it is also grad_residual); grad_x = dh * keep * 1/(1-p) (= dh without dropout);
+  grad_pre = dh (+ h's own incoming gradient when the forward returned h; it is also grad_residual);
+  grad_x = grad_pre * keep * 1/(1-p) (= grad_pre without dropout);
   grad_x_bias = sum over rows of grad_x; grad_weight = sum over rows of g * xhat; grad_bias = sum
   over rows of g. The three column sums are reduced deterministically: each backward program owns a
   contiguous block of rows and writes its fp32 partial sums to one row of a [programs, N] buffer,
@@ -59,6 +65,7 @@ def _add_layer_norm_fwd_kernel(
     XB,  # [N] bias added to x before dropout (dummy when not HAS_XB)
     SEED,  # [1] int64 dropout seed, read on device (dummy when not HAS_DROPOUT)
     OUT,  # [rows, N] output, x.dtype
+    PRE,  # [rows, N] out: the pre-norm sum h, x.dtype (dummy when not STORE_PRE)
     MEAN,  # [rows] fp32 mean of the pre-norm sum, saved for backward
     RSTD,  # [rows] fp32 1/sqrt(var + eps), saved for backward
     N,  # hidden size (row length)
@@ -69,6 +76,7 @@ def _add_layer_norm_fwd_kernel(
     HAS_B: tl.constexpr,
     HAS_XB: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    STORE_PRE: tl.constexpr,  # write h to PRE
     BLOCK_N: tl.constexpr,  # next power of two >= N; lanes >= N are masked
 ):
     # one program per row; int64 row offset so rows * N may exceed 2^31
@@ -86,6 +94,8 @@ def _add_layer_norm_fwd_kernel(
         h = tl.where(r31 >= drop_threshold, h * drop_scale, 0.0)
     if HAS_RES:
         h += tl.load(RES + base + cols, mask=mask, other=0.0).to(tl.float32)
+    if STORE_PRE:
+        tl.store(PRE + base + cols, h.to(PRE.dtype.element_ty), mask=mask)
 
     # two-pass statistics over the row held in registers (masked lanes are 0 in h and in diff)
     mean = tl.math.div_rn(tl.sum(h, axis=0), N * 1.0)
@@ -111,6 +121,7 @@ def _add_layer_norm_bwd_kernel(
     SEED,  # [1] int64 dropout seed of the forward pass (dummy when not HAS_DROPOUT)
     MEAN,  # [rows] fp32 saved mean
     RSTD,  # [rows] fp32 saved rstd
+    DPRE_IN,  # [rows, N] incoming gradient of the forward's PRE output, x.dtype (dummy when not HAS_DPRE_IN)
     DPRE,  # [rows, N] out: gradient of the pre-norm sum (= grad of residual), x.dtype
     DX,  # [rows, N] out: gradient of x under dropout (dummy when not HAS_DROPOUT)
     DW_PART,  # [programs, N] fp32 out: this program's partial sum of dy * xhat
@@ -125,6 +136,7 @@ def _add_layer_norm_bwd_kernel(
     HAS_B: tl.constexpr,
     HAS_XB: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_DPRE_IN: tl.constexpr,  # add DPRE_IN to the gradient of h
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -163,6 +175,8 @@ def _add_layer_norm_bwd_kernel(
         c1 = tl.math.div_rn(tl.sum(gy, axis=0), N * 1.0)
         c2 = tl.math.div_rn(tl.sum(gy * xhat, axis=0), N * 1.0)
         dh = (gy - c1 - xhat * c2) * rstd
+        if HAS_DPRE_IN:
+            dh += tl.load(DPRE_IN + base + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DPRE + base + cols, dh.to(DPRE.dtype.element_ty), mask=mask)
 
         dw_acc += dy * xhat
@@ -265,12 +279,23 @@ def _device_guard(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def add_layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _weight_or_ones(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """weight None (LayerNorm without a scale): ones, in bias's dtype when there is a bias (the kernels
+    read w * 1 = w exactly). Allocated only on that path."""
+    if weight is not None:
+        return weight
+    return torch.ones(x.shape[-1], dtype=bias.dtype if bias is not None else x.dtype, device=x.device)
+
+
+def add_layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        residual: Optional[torch.Tensor], x_bias: Optional[torch.Tensor], eps: float,
-                       dropout_p: float, seed: Optional[torch.Tensor]
+                       dropout_p: float, seed: Optional[torch.Tensor], pre: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [rows, N] x.dtype, mean fp32 [rows], rstd fp32 [rows]); see csrc/ops.cpp."""
+    """(out [rows, N] x.dtype, mean fp32 [rows], rstd fp32 [rows]); see csrc/ops.cpp. pre: a [rows, N]
+    tensor of x's dtype to receive the pre-norm sum (add_layer_norm_fwd_pre), or None."""
     rows, n = _check_inputs(x, weight, bias, residual, x_bias)
+    _check_2d("pre", pre, (rows, n))
+    weight = _weight_or_ones(weight, bias, x)
     out = new_empty((rows, n), dtype=x.dtype, device=x.device)
     mean = new_empty((rows,), dtype=torch.float32, device=x.device)
     rstd = new_empty((rows,), dtype=torch.float32, device=x.device)
@@ -281,30 +306,44 @@ def add_layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     with _device_guard(x):
         _add_layer_norm_fwd_kernel[(rows,)](
             x, residual if residual is not None else x, weight, bias if bias is not None else weight,
-            x_bias if x_bias is not None else weight, seed if has_drop else mean, out, mean, rstd,
-            n, float(eps), threshold, scale,
+            x_bias if x_bias is not None else weight, seed if has_drop else mean, out,
+            pre if pre is not None else out, mean, rstd, n, float(eps), threshold, scale,
             HAS_RES=residual is not None, HAS_B=bias is not None, HAS_XB=x_bias is not None,
-            HAS_DROPOUT=has_drop, BLOCK_N=block, num_warps=_num_warps(block),
+            HAS_DROPOUT=has_drop, STORE_PRE=pre is not None, BLOCK_N=block, num_warps=_num_warps(block),
             enable_fp_fusion=False,  # see _FP_NOTE
         )
     return out, mean, rstd
 
 
-def add_layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def add_layer_norm_fwd_pre(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           residual: Optional[torch.Tensor], x_bias: Optional[torch.Tensor], eps: float,
+                           dropout_p: float, seed: Optional[torch.Tensor]
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd, pre): add_layer_norm_fwd that also returns the pre-norm sum h = dropout(x + x_bias)
+    + residual in x's dtype; see csrc/ops.cpp."""
+    pre = new_empty(tuple(x.shape), dtype=x.dtype, device=x.device)
+    return add_layer_norm_fwd(x, weight, bias, residual, x_bias, eps, dropout_p, seed, pre) + (pre,)
+
+
+def add_layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                        x_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                       dropout_p: float, seed: Optional[torch.Tensor]):
-    """(grad_pre, grad_x ([0] without dropout), grad_weight, grad_bias ([0] without bias),
-    grad_x_bias ([0] without x_bias)); see csrc/ops.cpp."""
+                       dropout_p: float, seed: Optional[torch.Tensor], grad_pre_out: Optional[torch.Tensor] = None):
+    """(grad_pre, grad_x ([0] without dropout), grad_weight ([0] without weight), grad_bias ([0] without
+    bias), grad_x_bias ([0] without x_bias)); grad_pre_out: the gradient of add_layer_norm_fwd_pre's pre
+    output, added to the gradient of the pre-norm sum, or None; see csrc/ops.cpp."""
     rows, n = _check_inputs(x, weight, bias, residual, x_bias)
     _check_2d("grad_out", grad_out, (rows, n))
+    _check_2d("grad_pre_out", grad_pre_out, (rows, n))
     _check_2d("mean", mean, (rows,))
     _check_2d("rstd", rstd, (rows,))
     has_drop, threshold, scale = _dropout_args(dropout_p, seed, x.device)
     dev = x.device
+    has_w = weight is not None
+    weight = _weight_or_ones(weight, bias, x)
     grad_pre = new_empty((rows, n), dtype=x.dtype, device=dev)
     grad_x = new_empty((rows, n) if has_drop else (0,), dtype=x.dtype, device=dev)
-    grad_w = new_empty(tuple(weight.shape), dtype=weight.dtype, device=dev)
+    grad_w = new_empty(tuple(weight.shape) if has_w else (0,), dtype=weight.dtype, device=dev)
     grad_b = new_empty(tuple(bias.shape) if bias is not None else (0,), dtype=weight.dtype, device=dev)
     grad_xb = new_empty(tuple(x_bias.shape) if x_bias is not None else (0,),
                         dtype=x_bias.dtype if x_bias is not None else x.dtype, device=dev)
@@ -326,14 +365,17 @@ def add_layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
         _add_layer_norm_bwd_kernel[(programs,)](
             grad_out, x, residual if residual is not None else x, weight,
             x_bias if x_bias is not None else weight, seed if has_drop else mean, mean, rstd,
+            grad_pre_out if grad_pre_out is not None else grad_out,
             grad_pre, grad_x if has_drop else grad_pre, dw_part, db_part, dxb_part,
             rows, n, rows_per_prog, threshold, scale,
             HAS_RES=residual is not None, HAS_B=bias is not None, HAS_XB=x_bias is not None,
-            HAS_DROPOUT=has_drop, BLOCK_N=block, num_warps=_num_warps(block, backward=True),
+            HAS_DROPOUT=has_drop, HAS_DPRE_IN=grad_pre_out is not None, BLOCK_N=block,
+            num_warps=_num_warps(block, backward=True),
             enable_fp_fusion=False,  # see _FP_NOTE
         )
     # second stage of the column sums: fixed-order fp32 sum over programs, rounded once
-    grad_w.copy_(dw_part.sum(0))
+    if has_w:
+        grad_w.copy_(dw_part.sum(0))
     if bias is not None:
         grad_b.copy_(db_part.sum(0))
     if x_bias is not None:

@@ -32,14 +32,14 @@ def _skip_unless(backend, device):
     require_backend(backend, device, KERNELS)
 
 
-def _make(shape, dtype, device, *, residual, x_bias, bias, w_dtype=None):
+def _make(shape, dtype, device, *, residual, x_bias, bias, w_dtype=None, weight=True):
     """Fresh random leaf tensors; the LayerNorm affine parameters are not 1/0 so that their
     gradients and the product with xhat are really exercised."""
     n = shape[-1]
     w_dtype = w_dtype or dtype
     t = {
         "x": torch.randn(shape, dtype=dtype, device=device),
-        "weight": 1.0 + 0.5 * torch.randn(n, dtype=w_dtype, device=device),
+        "weight": 1.0 + 0.5 * torch.randn(n, dtype=w_dtype, device=device) if weight else None,
         "bias": 0.5 * torch.randn(n, dtype=w_dtype, device=device) if bias else None,
         "residual": torch.randn(shape, dtype=dtype, device=device) if residual else None,
         "x_bias": 0.5 * torch.randn(n, dtype=dtype, device=device) if x_bias else None,
@@ -303,7 +303,7 @@ def _good():
     (dict(x=torch.tensor(1.0)), ValueError, "x"),
     (dict(x=torch.ones(2, 8, dtype=torch.int64)), TypeError, "x"),
     (dict(x=[[1.0] * 8]), TypeError, "x"),
-    (dict(weight=None), TypeError, "weight"),
+    (dict(weight=[1.0] * 8), TypeError, "weight"),
     (dict(weight=torch.randn(2, 8)), ValueError, "weight"),
     (dict(weight=torch.randn(7)), ValueError, "weight"),
     (dict(weight=torch.ones(8, dtype=torch.int32)), TypeError, "weight"),
@@ -322,6 +322,10 @@ def _good():
     (dict(dropout_p=1.0), ValueError, "dropout_p"),
     (dict(dropout_p=-0.1), ValueError, "dropout_p"),
     (dict(dropout_p=None), TypeError, "dropout_p"),
+    (dict(return_residual=1), TypeError, "return_residual"),
+    (dict(return_residual=None), TypeError, "return_residual"),
+    (dict(weight=None, bias=torch.randn(7)), ValueError, "bias"),
+    (dict(weight=None, bias=torch.randn(2, 8)), ValueError, "bias"),
 ])
 def test_bad_inputs_name_the_argument(change, exc, name):
     args = _good()
@@ -468,3 +472,134 @@ def test_random_shapes_and_options(backend, device, rows, n, dtype, residual, x_
     _skip_unless(backend, device)
     t = _make((rows, n), dtype, device, residual=residual, x_bias=x_bias, bias=bias)
     _check_against_reference(backend, t, eps=eps, dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# return_residual=True (pre-norm blocks: GPT-2, ModernBERT) and LayerNorm without weight / bias
+# ----------------------------------------------------------------------------------------------
+def _call_pre(fn, t, eps, dropout_p, seed_for_ref=None):
+    kw = dict(residual=t["residual"], x_bias=t["x_bias"], eps=eps, dropout_p=dropout_p, return_residual=True)
+    if seed_for_ref is not None:
+        kw["seed"] = seed_for_ref
+    return fn(t["x"], t["weight"], t["bias"], **kw)
+
+
+def _check_pre_against_reference(backend, t, eps, dropout_p, seed_value=11):
+    """(out, pre) on `backend` and the gradients of a loss using both, against the float64 reference with
+    PyTorch at x's dtype as the yardstick (as _check_against_reference)."""
+    dtype = t["x"].dtype
+    torch.manual_seed(seed_value)
+    with fastbert.use_backend(backend):
+        out, pre = _call_pre(fastbert.ops.add_layer_norm, t, eps, dropout_p)
+    assert fastbert.backends.last_decisions()["add_layer_norm"].backend == backend
+    for name, v in (("out", out), ("pre", pre)):
+        assert v.shape == t["x"].shape and v.dtype == dtype, name
+    assert pre is not t["x"]
+    g_out, g_pre = torch.randn_like(out), torch.randn_like(pre)
+    got = _grads((out, pre), t, (g_out, g_pre))
+
+    torch.manual_seed(seed_value)
+    seed = reference.make_seed(t["x"].device) if dropout_p > 0 else None
+    t64 = _cast(t, torch.float64)
+    ref64 = _call_pre(reference.add_layer_norm, t64, eps, dropout_p, seed)
+    g64 = _grads(ref64, t64, (g_out.double(), g_pre.double()))
+    td = _cast(t, dtype)
+    ref_d = _call_pre(reference.add_layer_norm, td, eps, dropout_p, seed)
+    gd = _grads(ref_d, td, (g_out, g_pre))
+    for name, v, vd, v64 in (("out", out, ref_d[0], ref64[0]), ("pre", pre, ref_d[1], ref64[1])):
+        assert_no_worse(f"{backend} {name}", v, vd, v64, dtype=dtype,
+                        atol=ATOL[dtype] + _extra_atol(backend, dtype, v64))
+    assert set(got) == {k for k in GRAD_NAMES if t[k] is not None}
+    for k in got:
+        assert got[k].dtype == t[k].dtype, f"grad of {k} has dtype {got[k].dtype}"
+        assert_no_worse(f"{backend} grad {k} (through out and pre)", got[k], gd[k], g64[k], dtype=dtype,
+                        atol=ATOL[dtype] + _extra_atol(backend, dtype, g64[k]))
+    return out, pre, got, seed
+
+
+# shape, residual, x_bias, weight, bias, dropout_p: hidden sizes 768, 200 (not a power of two), 384, 64;
+# rows 1 and 7; ModernBERT's LayerNorm (weight, no bias), no affine at all, bias alone
+PRE_CASES = [
+    pytest.param((1, 768), True, True, True, True, 0.0, id="1x768-res-xb-w-b"),
+    pytest.param((7, 200), False, True, False, False, 0.0, id="7x200-xb"),
+    pytest.param((7, 384), True, False, True, False, 0.2, id="7x384-res-w-drop"),
+    pytest.param((7, 64), False, False, False, True, 0.3, id="7x64-b-drop"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,residual,x_bias,weight,bias,dropout_p", PRE_CASES)
+def test_return_residual_matches_reference(backend, device, dtype, shape, residual, x_bias, weight, bias, dropout_p):
+    if backend == "torch":
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device")
+    else:
+        _skip_unless(backend, device)
+    if backend == "triton" and INTERPRET and dtype != torch.float32 and shape[-1] != 384:
+        pytest.skip("interpreter time budget: fp16/bf16 run the 7x384 case (the GPU run takes all)")
+    t = _make(shape, dtype, device, residual=residual, x_bias=x_bias, bias=bias, weight=weight)
+    out, pre, got, seed = _check_pre_against_reference(backend, t, eps=1e-5, dropout_p=dropout_p)
+    if dropout_p > 0:
+        # one mask for out, pre and the backward: the reference's Philox stream
+        keep = reference.dropout_keep(seed, torch.arange(t["x"].numel(), device=device), dropout_p).reshape(shape)
+        assert 0 < int(keep.sum()) < keep.numel()
+        rest = t["residual"].detach() if residual else torch.zeros_like(pre)
+        assert torch.equal(pre.detach()[~keep], rest[~keep])  # dropped: pre is the residual alone
+        assert bool((got["x"][~keep] == 0).all())  # and the backward's: no gradient reaches a dropped x
+    if backend != "torch":
+        # the same forward as return_residual=False, bit for bit
+        torch.manual_seed(11)
+        with fastbert.use_backend(backend), torch.no_grad():
+            assert torch.equal(_call(fastbert.ops.add_layer_norm, t, 1e-5, dropout_p), out.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_no_weight_matches_reference(backend, device, dtype):
+    # return_residual=False with weight None (and bias None): the kernels' usual path without a scale
+    _skip_unless(backend, device)
+    t = _make((7, 200), dtype, device, residual=True, x_bias=True, bias=False, weight=False)
+    _check_against_reference(backend, t, eps=1e-5, dropout_p=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use", ["out", "pre"])
+def test_return_residual_one_output_used(backend, device, use):
+    # a loss through one of the two outputs only: the other's gradient never arrives
+    _skip_unless(backend, device)
+    t = _make((3, 64), torch.float32, device, residual=True, x_bias=True, bias=True)
+    with fastbert.use_backend(backend):
+        out, pre = _call_pre(fastbert.ops.add_layer_norm, t, 1e-5, 0.0)
+    g = torch.randn_like(out)
+    got = _grads(out if use == "out" else pre, t, g)
+    t64 = _cast(t, torch.float64)
+    out64, pre64 = _call_pre(reference.add_layer_norm, t64, 1e-5, 0.0)
+    names = list(got)
+    want = torch.autograd.grad(out64 if use == "out" else pre64, [t64[k] for k in names], g.double(),
+                               allow_unused=True)
+    for k, w in zip(names, want):
+        w = torch.zeros_like(t64[k]) if w is None else w  # pre alone does not reach weight and bias
+        torch.testing.assert_close(got[k].double(), w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_triton_pre_ops(device):
+    # the pre-norm forms: fwd_pre (stores the sum) and bwd with grad_pre_out, without weight, with dropout
+    require_backend("triton", device, KERNELS)
+    x, w, b, r, xb, seed = _op_args(device, torch.float32, True, True, True, 0.3, rows=2, n=24)
+    fwd_args = (x, None, b, r, xb, 1e-5, 0.3, seed)
+    torch.library.opcheck(torch.ops.fastbert.triton_add_layer_norm_fwd_pre.default, fwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out, mean, rstd, pre = torch.ops.fastbert.triton_add_layer_norm_fwd_pre(*fwd_args)
+    assert torch.equal(out, torch.ops.fastbert.triton_add_layer_norm_fwd(*fwd_args)[0])
+    bwd_args = (torch.randn_like(x), x, None, b, r, xb, mean, rstd, 0.3, seed, torch.randn_like(x))
+    torch.library.opcheck(torch.ops.fastbert.triton_add_layer_norm_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    real = torch.ops.fastbert.triton_add_layer_norm_bwd(*bwd_args)
+    assert real[2].shape == (0,)  # no weight: no weight gradient
+    for a, c in zip(real, ln_mod._bwd_fake(*bwd_args)):
+        assert (a.shape, a.dtype) == (c.shape, c.dtype)

@@ -353,6 +353,70 @@ def test_attention_dropout_stream_is_bit_exact(packed):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_add_layer_norm_grad_pre_out_and_no_weight(dtype, p):
+    """The pre-norm form: grad_pre_out (the gradient of fwd_pre's `pre`) joins grad_pre in fp32, before the
+    dropout mask and the x_bias sum; weight None is the LayerNorm without a scale (no weight gradient)."""
+    rows, n = 7, 200
+    x, r, g, gin = (torch.randn(rows, n).to(dtype) for _ in range(4))
+    b, xb = (0.1 * torch.randn(n)).to(dtype), (0.1 * torch.randn(n)).to(dtype)
+    s = torch.tensor([42]) if p else None
+    out, mean, rstd, pre = OPS.add_layer_norm_fwd_pre(x, None, b, r, xb, 1e-5, p, s)
+    ones = torch.ones(n, dtype=dtype)
+    for got, want in zip((out, mean, rstd, pre), OPS.add_layer_norm_fwd_pre(x, ones, b, r, xb, 1e-5, p, s)):
+        assert torch.equal(got, want)  # w * 1 = w exactly
+    g_pre, g_x, g_w, g_b, g_xb = OPS.add_layer_norm_bwd(g, x, None, b, r, xb, mean, rstd, p, s, gin)
+    assert g_w.shape == (0,) and g_b.dtype == dtype
+    if dtype == torch.float32:  # one fp32 add more than the backward without grad_pre_out (maybe an FMA)
+        want = OPS.add_layer_norm_bwd(g, x, ones, b, r, xb, mean, rstd, p, s)
+        torch.testing.assert_close(g_pre, want[0] + gin, rtol=1e-6, atol=1e-6)
+        assert torch.equal(g_b, want[3])
+
+    def fn(x, b, r, xb):
+        o, h = reference.add_layer_norm(x, None, b, residual=r, x_bias=xb, eps=1e-5, dropout_p=p, seed=s,
+                                        return_residual=True)
+        return o, h
+
+    res = {}
+    for d in (torch.float64, dtype):
+        leaves = [_leaf(t, d) for t in (x, b, r, xb)]
+        o, h = fn(*leaves)
+        torch.autograd.backward([o, h], [g.to(d), gin.to(d)])
+        res[d] = (o.detach(), h.detach(), [t.grad for t in leaves])
+    (o64, h64, g64), (od, hd, gd) = res[torch.float64], res[dtype]
+    _check("out", out, od, o64, dtype)
+    _check("pre", pre, hd, h64, dtype)
+    _check("grad_x", g_x if p else g_pre, gd[0], g64[0], dtype)
+    _check("grad_residual", g_pre, gd[2], g64[2], dtype)
+    assert_no_worse("grad_bias", g_b, gd[1], g64[1], dtype=dtype, atol=1e-5 * rows)
+    assert_no_worse("grad_x_bias", g_xb, gd[3], g64[3], dtype=dtype, atol=1e-5 * rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_add_layer_norm_pre_autograd_op_is_the_kernels(dtype, p):
+    """fastbert::add_layer_norm_pre under autograd: fwd_pre's out and pre, and exactly the gradients of
+    add_layer_norm_bwd given both outputs' gradients (fp32 without dropout: the node that saves pre)."""
+    rows, n = 9, 40
+    x, r, g, gin = (torch.randn(rows, n).to(dtype) for _ in range(4))
+    w, xb = (1 + 0.1 * torch.randn(n)).to(dtype), (0.1 * torch.randn(n)).to(dtype)
+    seed = torch.tensor([77]) if p else None
+    out_k, mean, rstd, pre_k = OPS.add_layer_norm_fwd_pre(x, w, None, r, xb, 1e-5, p, seed)
+    g_pre, g_x, g_w, _, g_xb = OPS.add_layer_norm_bwd(g, x, w, None, r, xb, mean, rstd, p, seed, gin)
+    leaves = [_req(t) for t in (x, w, r, xb)]
+    out, pre = OPS.add_layer_norm_pre(leaves[0], leaves[1], None, leaves[2], leaves[3], 1e-5, p, seed)
+    assert "CppFunction" in type(out.grad_fn).__name__
+    assert torch.equal(out.detach(), out_k) and torch.equal(pre.detach(), pre_k)
+    got = torch.autograd.grad([out, pre], leaves, [g, gin])
+    for name, a, e in zip(("x", "weight", "residual", "x_bias"), got, (g_x if p else g_pre, g_w, g_pre, g_xb)):
+        assert torch.equal(a, e), f"grad of {name} differs from add_layer_norm_bwd's"
+    # only pre used: the LayerNorm's part of the gradient is zero
+    out, pre = OPS.add_layer_norm_pre(leaves[0], leaves[1], None, leaves[2], leaves[3], 1e-5, p, seed)
+    (gr,) = torch.autograd.grad(pre, [leaves[2]], gin)
+    assert torch.equal(gr, gin)
+
+
 # ----------------------------------------------------------------------------------------------
 # empty inputs, bad inputs
 # ----------------------------------------------------------------------------------------------
@@ -372,9 +436,9 @@ def test_empty_inputs_give_empty_outputs():
     assert out.shape == q.shape and lse.shape == (0, 2, 4)
 
 
-def _ln(x=None, w=None, **kw):
+def _ln(x=None, w="ones", **kw):
     x = torch.randn(4, 8) if x is None else x
-    w = torch.ones(8) if w is None else w
+    w = torch.ones(8) if isinstance(w, str) else w
     a = dict(bias=None, residual=None, x_bias=None, eps=1e-5, p=0.0, seed=None)
     a.update(kw)
     return OPS.add_layer_norm_fwd(x, w, a["bias"], a["residual"], a["x_bias"], a["eps"], a["p"], a["seed"])
@@ -403,6 +467,12 @@ def _attn(q=None, k=None, v=None, mask=None, bias=None, cu=None, max_seqlen=0, p
                                         None), "add_layer_norm_fwd_pre: residual must have x's shape"),
     (lambda: OPS.add_layer_norm_fwd_pre(torch.randn(4, 8), torch.ones(7), None, None, None, 1e-5, 0.0, None),
      "add_layer_norm_fwd_pre: weight must have shape"),
+    (lambda: _ln(w=None, bias=torch.ones(8, dtype=torch.float64)), "bias must have dtype"),
+    (lambda: OPS.add_layer_norm_bwd(torch.randn(4, 8), torch.randn(4, 8), None, None, None, None, torch.zeros(4),
+                                    torch.ones(4), 0.0, None, torch.randn(4, 9)), "grad_pre_out must have x's shape"),
+    (lambda: OPS.add_layer_norm_bwd(torch.randn(4, 8), torch.randn(4, 8), None, None, None, None, torch.zeros(4),
+                                    torch.ones(4), 0.0, None, torch.randn(4, 8).half()),
+     "grad_pre_out must have x's dtype"),
     (lambda: OPS.bias_gelu_fwd(torch.randn(2, 4), torch.randn(5), "none"), "bias must have shape"),
     (lambda: OPS.bias_gelu_fwd(torch.randn(2, 4), None, "sigmoid"), "approximate"),
     (lambda: OPS.bias_gelu_bwd(torch.randn(2, 5), torch.randn(2, 4), None, "none"), "grad_out must have x's shape"),
@@ -593,6 +663,8 @@ def _op_cases():
         ("add_layer_norm_fwd", (x, w, None, None, None, 1e-5, 0.0, None)),
         ("add_layer_norm_fwd_pre", (x, w, b, r, b, 1e-5, 0.0, None)),
         ("add_layer_norm_bwd", (torch.randn(5, 24), x, w, b, r, b, mean, rstd, 0.1, s)),
+        ("add_layer_norm_bwd", (torch.randn(5, 24), x, None, b, r, b, mean, rstd, 0.1, s, torch.randn(5, 24))),
+        ("add_layer_norm_fwd_pre", (x, None, b, None, None, 1e-5, 0.0, None)),
         ("bias_gelu_fwd", (x, b, "tanh")),
         ("bias_gelu_bwd", (r, x, b, "none")),
         ("linear_gelu_fwd", (x, lw, b[:16], "none", True)),
@@ -607,6 +679,8 @@ def _op_cases():
         ("add_layer_norm", (_req(x), _req(w), _req(b), _req(r), _req(b), 1e-5, 0.0, None)),
         ("add_layer_norm", (_req(x), _req(w), _req(b), _req(r), _req(b), 1e-5, 0.1, s)),
         ("add_layer_norm", (x, w, None, None, None, 1e-5, 0.0, None)),
+        ("add_layer_norm_pre", (_req(x), _req(w), None, _req(r), _req(b), 1e-5, 0.0, None)),
+        ("add_layer_norm_pre", (_req(x), None, _req(b), None, None, 1e-5, 0.1, s)),
         ("bias_gelu", (_req(x), _req(b), "tanh")),
         ("linear_gelu", (_req(x), _req(lw), _req(b[:16]), "none")),
         ("linear_gelu", (_req(x), _req(lw), None, "tanh")),

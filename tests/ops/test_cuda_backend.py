@@ -227,6 +227,41 @@ def test_add_layer_norm_dropout(dtype, n):
 
 @gpu
 @pytest.mark.usefixtures("_need_cuda_kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n,p,weight", [(1, 768, 0.0, True), (7, 200, 0.0, False), (7, 384, 0.2, True),
+                                             (7, 64, 0.3, False)])
+def test_add_layer_norm_pre_and_grad_pre_out(dtype, rows, n, p, weight):
+    """return_residual on the cuda kernels: fwd_pre's pre-norm sum, grad_pre_out joining grad_pre, weight None."""
+    x, r, g, gin = (_rand((rows, n), dtype) for _ in range(4))
+    w = 1 + 0.1 * _rand((n,), torch.float32) if weight else None
+    b, xb = 0.1 * _rand((n,), torch.float32), _rand((n,), dtype)
+    seed = _seed() if p else None
+    out, mean, rstd, pre = F.add_layer_norm_fwd_pre(x, w, b, r, xb, 1e-5, p, seed)
+    assert torch.equal(out, F.add_layer_norm_fwd(x, w, b, r, xb, 1e-5, p, seed)[0])
+    g_pre, g_x, g_w, g_b, g_xb = F.add_layer_norm_bwd(g, x, w, b, r, xb, mean, rstd, p, seed, gin)
+    assert g_w.shape == ((n,) if weight else (0,))
+
+    def ref(d):
+        cast = (lambda t: None if t is None else t.detach().to(d).requires_grad_())
+        ts = [cast(t) for t in (x, w, b, r, xb)]
+        o, h = reference.add_layer_norm(ts[0], ts[1], ts[2], residual=ts[3], x_bias=ts[4], eps=1e-5, dropout_p=p,
+                                        seed=seed, return_residual=True)
+        torch.autograd.backward([o, h], [g.to(d), gin.to(d)])
+        return o.detach(), h.detach(), [None if t is None else t.grad for t in ts]
+
+    (o_t, h_t, gt), (o64, h64, g64) = ref(dtype), ref(torch.float64)
+    assert_no_worse("pre out", out, o_t, o64)
+    assert_no_worse("pre pre", pre, h_t, h64)
+    assert_no_worse("pre grad_x", g_x if p else g_pre, gt[0], g64[0])
+    assert_no_worse("pre grad_residual", g_pre, gt[3], g64[3])
+    if weight:
+        assert_no_worse("pre grad_weight", g_w, gt[1], g64[1], atol=ATOL[torch.float32] * rows)
+    assert_no_worse("pre grad_bias", g_b, gt[2], g64[2], atol=ATOL[torch.float32] * rows)
+    assert_no_worse("pre grad_x_bias", g_xb, gt[4], g64[4], atol=ATOL[dtype] * rows, dtype=dtype)
+
+
+@gpu
+@pytest.mark.usefixtures("_need_cuda_kernels")
 def test_add_layer_norm_empty_rows():
     w = torch.ones(64, device=DEVICE)
     x = torch.empty(0, 64, device=DEVICE)
@@ -634,15 +669,15 @@ _EMU_WRAP = textwrap.dedent("""
                  : bias_gelu_fwd((DType)dt, x, b, y, rows, n, t, nullptr);
     }
     int w_ln_fwd(int dt, const void* x, const void* res, const float* xb, const float* w, const float* b, void* out,
-                 float* mean, float* rstd, long rows, long n, float eps, double p, const int64_t* seed) {
-      return add_layer_norm_fwd((DType)dt, x, res, xb, w, b, out, mean, rstd, rows, n, eps, p, seed, nullptr);
+                 void* pre, float* mean, float* rstd, long rows, long n, float eps, double p, const int64_t* seed) {
+      return add_layer_norm_fwd((DType)dt, x, res, xb, w, b, out, pre, mean, rstd, rows, n, eps, p, seed, nullptr);
     }
     long w_ln_ws(long rows, long n, int sms) { return add_layer_norm_bwd_workspace_bytes(rows, n, sms); }
-    int w_ln_bwd(int dt, const void* g, const void* x, const void* res, const float* xb, const float* w,
-                 const float* mean, const float* rstd, void* gpre, void* gx, float* gw, float* gb, float* gxb,
-                 long rows, long n, double p, const int64_t* seed, float* ws, int sms) {
-      return add_layer_norm_bwd((DType)dt, g, x, res, xb, w, mean, rstd, gpre, gx, gw, gb, gxb, rows, n, p, seed,
-                                ws, sms, nullptr);
+    int w_ln_bwd(int dt, const void* g, const void* gin, const void* x, const void* res, const float* xb,
+                 const float* w, const float* mean, const float* rstd, void* gpre, void* gx, float* gw, float* gb,
+                 float* gxb, long rows, long n, double p, const int64_t* seed, float* ws, int sms) {
+      return add_layer_norm_bwd((DType)dt, g, gin, x, res, xb, w, mean, rstd, gpre, gx, gw, gb, gxb, rows, n, p,
+                                seed, ws, sms, nullptr);
     }
     // I: dtype, B, H, D, Sq, Sk, causal. S: strides q(3) k(3) v(3) out(3) kpm(2) bias(4) lse(2)
     static AttentionParams mk(const int* I, const long* S, const int* cu, const bool* kpm, const void* bias,
@@ -716,10 +751,10 @@ def _build_emulation(tmp_path):
     L = ctypes.CDLL(str(lib))
     c_int, c_long, c_float, c_double, V = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
     L.w_bias_gelu.argtypes = [c_int, c_int, V, V, V, V, c_long, c_long, c_int]
-    L.w_ln_fwd.argtypes = [c_int, V, V, V, V, V, V, V, V, c_long, c_long, c_float, c_double, V]
+    L.w_ln_fwd.argtypes = [c_int] + [V] * 9 + [c_long, c_long, c_float, c_double, V]
     L.w_ln_ws.argtypes = [c_long, c_long, c_int]
     L.w_ln_ws.restype = c_long
-    L.w_ln_bwd.argtypes = [c_int] + [V] * 12 + [c_long, c_long, c_double, V, V, c_int]
+    L.w_ln_bwd.argtypes = [c_int] + [V] * 13 + [c_long, c_long, c_double, V, V, c_int]
     L.w_attn.argtypes = [c_int, V, V, V, V, V, c_float, c_double, V] + [V] * 10
     return L
 
@@ -742,36 +777,43 @@ def _emu_bias_gelu(L, dt, rows, n, offset, approximate):
     assert_no_worse("emu bias_gelu grad", gi, xt.grad, x64.grad)
 
 
-def _emu_layer_norm(L, dt, rows, n, extras, p):
+def _emu_layer_norm(L, dt, rows, n, extras, p, with_pre=False):
+    """with_pre: the forward also writes the pre-norm sum, the backward takes its gradient (return_residual)."""
     P = (lambda t: t.data_ptr() if t is not None else None)
     code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dt]
     r64 = (lambda shape: torch.randn(shape, dtype=torch.float64))
     x, g = r64((rows, n)).to(dt), r64((rows, n)).to(dt)
+    gin = r64((rows, n)).to(dt) if with_pre else None
     w = (1 + 0.1 * r64(n)).float()
     b, r, xb = ((0.1 * r64(n)).float(), r64((rows, n)).to(dt), r64(n).float()) if extras else (None, None, None)
     seed = torch.tensor([123456789], dtype=torch.int64) if p > 0 else None
     out = torch.full_like(x, float("nan"))
+    pre = torch.full_like(x, float("nan")) if with_pre else None
     mean, rstd = torch.full((rows,), float("nan")), torch.full((rows,), float("nan"))
-    assert L.w_ln_fwd(code, P(x), P(r), P(xb), P(w), P(b), P(out), P(mean), P(rstd), rows, n, 1e-5, p, P(seed)) == 0
+    assert L.w_ln_fwd(code, P(x), P(r), P(xb), P(w), P(b), P(out), P(pre), P(mean), P(rstd), rows, n, 1e-5, p,
+                      P(seed)) == 0
     sms = 2
     ws = torch.full((L.w_ln_ws(rows, n, sms) // 4 + 1,), float("nan"))
     gpre = torch.full_like(x, float("nan"))
     gx = torch.full_like(x, float("nan")) if p > 0 else None
     gw = torch.full((n,), float("nan"))
     gb, gxb = (torch.full((n,), float("nan")), torch.full((n,), float("nan"))) if extras else (None, None)
-    assert L.w_ln_bwd(code, P(g), P(x), P(r), P(xb), P(w), P(mean), P(rstd), P(gpre), P(gx), P(gw), P(gb), P(gxb),
-                      rows, n, p, P(seed), P(ws), sms) == 0
+    assert L.w_ln_bwd(code, P(g), P(gin), P(x), P(r), P(xb), P(w), P(mean), P(rstd), P(gpre), P(gx), P(gw), P(gb),
+                      P(gxb), rows, n, p, P(seed), P(ws), sms) == 0
 
     def ref(d):
         cast = (lambda t: None if t is None else t.detach().to(d).requires_grad_())
         xs, ws_, bs, rs, xbs = cast(x), cast(w), cast(b), cast(r), cast(xb)
-        o = reference.add_layer_norm(xs, ws_, bs, residual=rs, x_bias=xbs, eps=1e-5, dropout_p=p, seed=seed)
-        o.backward(g.to(d))
-        return [o.detach(), xs.grad, ws_.grad] + ([bs.grad, rs.grad, xbs.grad] if extras else [])
+        o, h = reference.add_layer_norm(xs, ws_, bs, residual=rs, x_bias=xbs, eps=1e-5, dropout_p=p, seed=seed,
+                                        return_residual=True)
+        torch.autograd.backward([o, h] if with_pre else [o], [g.to(d), gin.to(d)] if with_pre else [g.to(d)])
+        return [o.detach(), xs.grad, ws_.grad] + ([bs.grad, rs.grad, xbs.grad] if extras else []) + [h.detach()]
 
     t, r64_ = ref(dt), ref(torch.float64)
-    tag = f"emu add_layer_norm {dt} {rows}x{n} extras={extras} p={p}"
+    tag = f"emu add_layer_norm {dt} {rows}x{n} extras={extras} p={p} pre={with_pre}"
     assert_no_worse(tag + " out", out, t[0], r64_[0])
+    if with_pre:
+        assert_no_worse(tag + " pre", pre, t[-1], r64_[-1])
     assert_no_worse(tag + " grad_x", gx if p > 0 else gpre, t[1], r64_[1])
     assert_no_worse(tag + " grad_weight", gw, t[2], r64_[2], atol=1e-5 * rows)
     if extras:
@@ -861,6 +903,8 @@ def test_kernels_under_host_emulation(tmp_path):
         for rows, n, extras, p in ((5, 24, False, 0.0), (3, 13, True, 0.0), (9, 200, True, 0.0), (2, 1100, False, 0.0),
                                    (2, 8192, True, 0.0), (6, 40, True, 0.3), (3, 13, True, 0.3)):
             _emu_layer_norm(L, dt, rows, n, extras, p)
+        for rows, n, extras, p in ((3, 13, True, 0.0), (9, 200, False, 0.0), (6, 40, True, 0.3), (2, 1024, True, 0.0)):
+            _emu_layer_norm(L, dt, rows, n, extras, p, with_pre=True)
         for mode in ("none", "padding", "causal", "bias", "varlen"):
             _emu_attention(L, mode, 3, 2, 40, 32, dt)
         _emu_attention(L, "padding", 3, 1, 7, 20, dt, Sk=40)   # scalar loader (D % 8 != 0), Sq != Sk
