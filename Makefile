@@ -1,8 +1,8 @@
 # Two commands on a fresh clone (needs only Python >= 3.9, pip and a C++ compiler):
 #   make bench   set up, build, run the benchmark (a small CPU grid where there is no GPU)
 #   make test    set up, build, run the tests (Triton through its interpreter where there is no GPU)
-#                on the newest transformers, then tests/hf again on the oldest one pyproject.toml
-#                allows ($(OLDEST_TRANSFORMERS), in .venv-oldest, fastbert editable from this tree)
+#                on the newest transformers, then tests/hf and tests/distributed again on the
+#                oldest one pyproject.toml allows ($(OLDEST_TRANSFORMERS), in .venv-oldest, fastbert editable from this tree)
 # and, no GPU needed:
 #   make aot     compile Triton kernels for sm_80 and sm_90a (tools/triton_aot.py): the model paths'
 #                table configs (--set models) under the GPU machine's Triton ($(GPU_TRITON), in
@@ -77,7 +77,7 @@ build: setup
 
 test: build $(VENV_OLDEST)/.deps
 	$(PY) -m pytest -q -ra -n $(TEST_JOBS) tests
-	$(PY_OLDEST) -m pytest -q -ra -n $(TEST_JOBS) -p no:cacheprovider -m "not slow" tests/hf
+	$(PY_OLDEST) -m pytest -q -ra -n $(TEST_JOBS) -p no:cacheprovider -m "not slow" tests/hf tests/distributed
 
 lint: setup
 	$(PY) -m pip install -q $(LINT_DEPS)

@@ -174,6 +174,11 @@ def fsdp():
     dcp.load(state, checkpoint_id=path)
     other.load_state_dict(state["model"])
     res["equal"].append(("eval logits after a sharded save / load", evaluate(other), after))
+    try:  # a call that needs HF's code cannot run it: HF's layers are not what fully_shard wrapped
+        other(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_attentions=True)
+        res["fallback"] = None
+    except RuntimeError as e:
+        res["fallback"] = str(e)
     res["fused"] = _fused_calls(fast) + _fused_calls(other)
     return res
 
