@@ -295,7 +295,14 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo fastbert.patch: the HF layers go back in place and the forward override is removed."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastbert.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
-    for m in list(model.modules()):
+    modules = list(model.modules())
+    for m in modules:  # refuse before changing anything
+        state = m.__dict__.get(_STATE)
+        sharded = [i for i, f in enumerate(state.fast) if fsdp.is_sharded_module(f)] if state else []
+        if sharded:  # the HF layers are not what fully_shard wrapped: their parameters would stay sharded
+            raise RuntimeError(f"fastbert.unpatch: the fused layers {sharded} of {type(m).__name__} are sharded by "
+                               "FSDP's fully_shard; unpatch before sharding (or shard an unpatched copy)")
+    for m in modules:
         m.__dict__.pop(_REFUSED, None)
         state = m.__dict__.get(_STATE)
         if state is None:

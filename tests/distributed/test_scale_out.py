@@ -71,6 +71,7 @@ def test_fsdp2_trains_like_one_process_and_round_trips_a_sharded_checkpoint(resu
         assert res["packed_calls"] == 7, res["packed_calls"]  # padding-free: every fused call packed once
         assert res["fallback"] and "sharded by FSDP's fully_shard" in res["fallback"], res["fallback"]
         assert "output_attentions=True" in res["fallback"], res["fallback"]
+        assert res["unpatch"] and "unpatch before sharding" in res["unpatch"], res["unpatch"]
     _check([dict(res, fused=res["fused"][:1]) for res in ranks], fused_calls=5)
 
 

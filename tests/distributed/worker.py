@@ -180,6 +180,11 @@ def fsdp():
         res["fallback"] = None
     except RuntimeError as e:
         res["fallback"] = str(e)
+    try:
+        fastbert.unpatch(other)
+        res["unpatch"] = None
+    except RuntimeError as e:
+        res["unpatch"] = str(e)
     res["fused"] = _fused_calls(fast) + _fused_calls(other)
     res["packed_calls"] = packs[0]  # fully_shard's hooks on the twins keep the padding-free layout
     return res
