@@ -726,7 +726,7 @@ def _build_emulation(tmp_path):
         shutil.copy(os.path.join(src_dir, name), inc / name)
     common = open(os.path.join(src_dir, "common.cuh")).read()
     (inc / "common.cuh").write_text(common.replace("#include <cuda_runtime.h>", '#include "cuda/host_emulation.cuh"'))
-    launch = re.compile(r"([A-Za-z_][\w:]*(?:<[^;<>]*(?:<[^;<>]*>[^;<>]*)*>)?)<<<(.*?)>>>\(", re.S)
+    launch = re.compile(r"([A-Za-z_][\w:]*(?:<[^;<>]*(?:<[^;<>]*>[^;<>]*)*>)?)\s*<<<(.*?)>>>\(", re.S)
     units = []
     for name in ("bias_gelu", "add_layer_norm", "attention"):
         s = open(os.path.join(src_dir, name + ".cu")).read()
