@@ -72,9 +72,8 @@ bool saves_pre(const at::Tensor& x, double dropout_p) {
 // The forward of both differentiable ops: out (and, when want_pre or saves_pre, the pre-norm sum h), with
 // what the backward needs saved in ctx. Returns {out, pre} (pre undefined when not computed).
 std::pair<at::Tensor, at::Tensor> aln_forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
-                                              const OptTensor& bias, const OptTensor& residual,
-                                              const OptTensor& x_bias, double eps, double dropout_p,
-                                              const OptTensor& seed, bool want_pre) {
+                                              const OptTensor& bias, const OptTensor& residual, const OptTensor& x_bias,
+                                              double eps, double dropout_p, const OptTensor& seed, bool want_pre) {
   at::AutoDispatchBelowADInplaceOrView below;
   at::Tensor out, mean, rstd, pre;
   const bool save_h = saves_pre(x, dropout_p);
@@ -87,8 +86,8 @@ std::pair<at::Tensor, at::Tensor> aln_forward(AutogradContext* ctx, const at::Te
     // the backward sees h as its x, with no residual; a zero x_bias keeps x_bias's gradient (the column
     // sum of grad_pre) in the same pass
     const at::Tensor zero_xb = x_bias.has_value() ? at::zeros_like(*x_bias) : at::Tensor();
-    ctx->save_for_backward({pre, or_undefined(weight), or_undefined(bias), at::Tensor(), zero_xb, mean, rstd,
-                            at::Tensor()});
+    ctx->save_for_backward(
+        {pre, or_undefined(weight), or_undefined(bias), at::Tensor(), zero_xb, mean, rstd, at::Tensor()});
   } else {
     ctx->save_for_backward({x, or_undefined(weight), or_undefined(bias), or_undefined(residual), or_undefined(x_bias),
                             mean, rstd, or_undefined(seed)});
@@ -109,8 +108,14 @@ variable_list aln_backward(AutogradContext* ctx, at::Tensor grad_out, const at::
                                                      or_none(s[3]), or_none(s[4]), s[5], s[6], p, or_none(s[7]), g_in);
   if (p == 0.0) g_x = g_pre;  // no dropout: d/dx = d/d(pre-norm sum)
   const at::Tensor none;
-  return {g_x,  s[1].defined() ? g_w : none, s[2].defined() ? g_b : none, has_residual ? g_pre : none,
-          s[4].defined() ? g_xb : none, none, none, none};
+  return {g_x,
+          s[1].defined() ? g_w : none,
+          s[2].defined() ? g_b : none,
+          has_residual ? g_pre : none,
+          s[4].defined() ? g_xb : none,
+          none,
+          none,
+          none};
 }
 
 struct AddLayerNormFn : public torch::autograd::Function<AddLayerNormFn> {

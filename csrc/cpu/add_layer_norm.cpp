@@ -164,9 +164,9 @@ inline void bwd_row(const Row& r, const float* __restrict g, const float* __rest
 
 // gin (nullptr: none): the incoming gradient of the pre-norm sum h, added to grad_pre
 template <typename T, bool kGin>
-void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* gin, const T* x, const T* res,
-                const float* w, const float* mean, const float* rstd, T* grad_pre, T* grad_x, float* part_w,
-                float* part_b, float* part_xb, int64_t block) {
+void bwd_kernel(const RowInputs& in, int64_t rows, const T* g, const T* gin, const T* x, const T* res, const float* w,
+                const float* mean, const float* rstd, T* grad_pre, T* grad_x, float* part_w, float* part_b,
+                float* part_xb, int64_t block) {
   const int64_t n = in.n;
   const int64_t nblk = (rows + block - 1) / block;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
@@ -250,10 +250,10 @@ at::ScalarType param_dtype(const at::Tensor& x, const c10::optional<at::Tensor>&
 
 // The forward, with the pre-norm sum h written to `pre` when it is defined.
 void fwd_into(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-              const c10::optional<at::Tensor>& bias,
-              const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps,
-              double dropout_p, const c10::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& mean,
-              at::Tensor& rstd, at::Tensor* pre) {
+              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+              const c10::optional<at::Tensor>& x_bias, double eps, double dropout_p,
+              const c10::optional<at::Tensor>& seed, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd,
+              at::Tensor* pre) {
   check_common(op, x, weight, bias, residual, x_bias);
   FB_CHECK(eps > 0.0, op, "eps must be > 0, got ", eps);
   const uint64_t s = check_dropout(op, dropout_p, seed);
@@ -274,13 +274,10 @@ void fwd_into(const char* op, const at::Tensor& x, const c10::optional<at::Tenso
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tensor& x,
-                                                                  const c10::optional<at::Tensor>& weight,
-                                                                  const c10::optional<at::Tensor>& bias,
-                                                                  const c10::optional<at::Tensor>& residual,
-                                                                  const c10::optional<at::Tensor>& x_bias, double eps,
-                                                                  double dropout_p,
-                                                                  const c10::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_bias, double eps, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
   at::Tensor out, mean, rstd;
   fwd_into(kFwd, x, weight, bias, residual, x_bias, eps, dropout_p, seed, out, mean, rstd, nullptr);
   return {out, mean, rstd};

@@ -434,9 +434,8 @@ cudaError_t fwd_typed(const Common& c, const float* bias, void* out, void* pre, 
   constexpr int kVec = 16 / sizeof(T);
   if (can_vectorize<T>(c.n, {c.x, c.residual, out, pre}, {})) {
     const int g = group_size(c.n / kVec, maxv_for<kVec>());
-    return with_group<max_group_vec<kVec>()>(g, [&](auto G) {
-      return fwd_launch<T, kVec, decltype(G)::value>(c, bias, out, pre, mean, rstd, eps, stream);
-    });
+    return with_group<max_group_vec<kVec>()>(
+        g, [&](auto G) { return fwd_launch<T, kVec, decltype(G)::value>(c, bias, out, pre, mean, rstd, eps, stream); });
   }
   const int g = group_size(c.n, maxv_for<1>());
   return with_group<1024>(

@@ -76,20 +76,17 @@ void fwd_into(const char* op, const at::Tensor& x, const std::optional<at::Tenso
   rstd = new_output({in.rows}, f32);
   if (pre != nullptr) *pre = new_output(x.sizes(), x.options());
   if (x.numel() == 0) return;
-  check_launch(op, fastbert::cuda::add_layer_norm_fwd(
-                       in.dtype, x.data_ptr(), in.residual, ptr_or_null(in.x_bias), in.weight.data_ptr<float>(),
-                       ptr_or_null(in.bias), out.data_ptr(), pre != nullptr ? pre->data_ptr() : nullptr,
-                       mean.data_ptr<float>(), rstd.data_ptr<float>(), in.rows, in.n, static_cast<float>(eps),
-                       dropout_p, seed_ptr, stream()));
+  check_launch(op, fastbert::cuda::add_layer_norm_fwd(in.dtype, x.data_ptr(), in.residual, ptr_or_null(in.x_bias),
+                                                      in.weight.data_ptr<float>(), ptr_or_null(in.bias), out.data_ptr(),
+                                                      pre != nullptr ? pre->data_ptr() : nullptr,
+                                                      mean.data_ptr<float>(), rstd.data_ptr<float>(), in.rows, in.n,
+                                                      static_cast<float>(eps), dropout_p, seed_ptr, stream()));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(const at::Tensor& x,
-                                                                  const std::optional<at::Tensor>& weight,
-                                                                  const std::optional<at::Tensor>& bias,
-                                                                  const std::optional<at::Tensor>& residual,
-                                                                  const std::optional<at::Tensor>& x_bias, double eps,
-                                                                  double dropout_p,
-                                                                  const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& x_bias, double eps, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   at::Tensor out, mean, rstd;
   fwd_into(kFwd, x, weight, bias, residual, x_bias, eps, dropout_p, seed, out, mean, rstd, nullptr);
   return {out, mean, rstd};
@@ -116,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
     if (t == nullptr) continue;
     check_cuda(kBwd, name, *t, x);
     FB_CUDA_CHECK(t->sizes() == x.sizes(), kBwd, name, " must have x's shape ", x.sizes(), ", got ", t->sizes());
-    FB_CUDA_CHECK(t->scalar_type() == x.scalar_type(), kBwd, name, " must have x's dtype ", x.scalar_type(),
-                  ", got ", t->scalar_type());
+    FB_CUDA_CHECK(t->scalar_type() == x.scalar_type(), kBwd, name, " must have x's dtype ", x.scalar_type(), ", got ",
+                  t->scalar_type());
     check_contiguous(kBwd, name, *t);
   }
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
