@@ -91,20 +91,19 @@ Table check_rotary(const char* op, const at::Tensor& q, const at::Tensor& k, con
     check_cpu(op, "position_ids", p);
     check_contiguous(op, "position_ids", p);
     FB_CHECK(p.scalar_type() == at::kLong, op, "position_ids must have dtype int64, got ", p.scalar_type());
-    FB_CHECK(p.dim() == 2 && p.size(0) == q.size(0) && p.size(1) == q.size(1), op, "position_ids must be [",
-             q.size(0), ", ", q.size(1), "], got ", p.sizes());
+    FB_CHECK(p.dim() == 2 && p.size(0) == q.size(0) && p.size(1) == q.size(1), op, "position_ids must be [", q.size(0),
+             ", ", q.size(1), "], got ", p.sizes());
     FB_CHECK(cos.dim() == 2, op, "cos must be a [max_pos, ", d, "] table with position_ids, got ", cos.sizes());
     tab.pos = p.data_ptr<int64_t>();
     for (int64_t i = 0; i < p.numel(); ++i)
-      FB_CHECK(tab.pos[i] >= 0 && tab.pos[i] < rows, op, "position_ids must lie in [0, ", rows, "), got ",
-               tab.pos[i]);
+      FB_CHECK(tab.pos[i] >= 0 && tab.pos[i] < rows, op, "position_ids must lie in [0, ", rows, "), got ", tab.pos[i]);
     tab.stride_s = cos.stride(0);
   } else if (cos.dim() == 2) {
     FB_CHECK(rows >= q.size(1), op, "cos has ", rows, " rows, fewer than the sequence length ", q.size(1));
     tab.stride_s = cos.stride(0);
   } else {
-    FB_CHECK(cos.size(1) == q.size(1) && (cos.size(0) == 1 || cos.size(0) == q.size(0)), op, "cos must be [",
-             q.size(0), " or 1, ", q.size(1), ", ", d, "], got ", cos.sizes());
+    FB_CHECK(cos.size(1) == q.size(1) && (cos.size(0) == 1 || cos.size(0) == q.size(0)), op, "cos must be [", q.size(0),
+             " or 1, ", q.size(1), ", ", d, "], got ", cos.sizes());
     tab.stride_b = cos.size(0) == 1 ? 0 : cos.stride(0);
     tab.stride_s = cos.stride(1);
   }
@@ -157,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> run(const char* op, const at::Tensor& q, cons
   const bool packed = has(cu_seqlens);
   at::Tensor q_out = new_output(q.sizes(), q.scalar_type());
   at::Tensor k_out = new_output(k.sizes(), k.scalar_type());
-  FB_DISPATCH(q.scalar_type(), op, [&] {
+  FB_DISPATCH(q.scalar_type(), "rotary", [&] {
     if (cos.scalar_type() == at::kFloat) {
       const float* c = cos.data_ptr<float>();
       const float* s = sin.data_ptr<float>();
@@ -179,9 +178,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Ten
   return run(kRoFwd, q, k, cos, sin, position_ids, cu_seqlens, /*backward=*/false);
 }
 
-std::tuple<at::Tensor, at::Tensor> rotary_bwd(const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                              const at::Tensor& cos, const at::Tensor& sin,
-                                              const c10::optional<at::Tensor>& position_ids,
+std::tuple<at::Tensor, at::Tensor> rotary_bwd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
+                                              const at::Tensor& sin, const c10::optional<at::Tensor>& position_ids,
                                               const c10::optional<at::Tensor>& cu_seqlens) {
   return run(kRoBwd, grad_q, grad_k, cos, sin, position_ids, cu_seqlens, /*backward=*/true);
 }

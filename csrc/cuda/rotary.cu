@@ -15,9 +15,9 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T, typename CT>
-__global__ void rotary_kernel(const T* __restrict__ x,         // [B, S, H, D], strides below, unit along D
-                              const CT* __restrict__ cos,      // table rows, unit stride along D
-                              const CT* __restrict__ sin,      // cos's layout
+__global__ void rotary_kernel(const T* __restrict__ x,          // [B, S, H, D], strides below, unit along D
+                              const CT* __restrict__ cos,       // table rows, unit stride along D
+                              const CT* __restrict__ sin,       // cos's layout
                               const int64_t* __restrict__ pos,  // [B, S] positions or nullptr
                               const int32_t* __restrict__ cu,   // [n_seqs + 1] or nullptr (packed: B == 1)
                               T* __restrict__ out,              // [B * S, H, D] contiguous
@@ -74,8 +74,8 @@ cudaError_t launch(const RotaryParams& p, const RotaryInput& x, void* out, cudaS
   const int grid = static_cast<int>(blocks < 65536 ? blocks : 65536);
   rotary_kernel<T, CT><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.ptr), static_cast<const CT*>(p.cos), static_cast<const CT*>(p.sin), p.position_ids,
-      p.cu_seqlens, static_cast<T*>(out), p.seqlen, x.heads, half, x.stride_b, x.stride_s, x.stride_h,
-      p.table_stride_b, p.table_stride_s, p.n_seqs, total, p.backward);
+      p.cu_seqlens, static_cast<T*>(out), p.seqlen, x.heads, half, x.stride_b, x.stride_s, x.stride_h, p.table_stride_b,
+      p.table_stride_s, p.n_seqs, total, p.backward);
   return cudaGetLastError();
 }
 

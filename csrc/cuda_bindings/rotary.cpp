@@ -42,11 +42,11 @@ std::tuple<at::Tensor, at::Tensor> run(const char* op, const at::Tensor& q, cons
   check_contiguous(op, "sin", sin);
   FB_CUDA_CHECK(cos.scalar_type() == at::kFloat || cos.scalar_type() == q.scalar_type(), op,
                 "cos must have dtype float32 or q's dtype ", q.scalar_type(), ", got ", cos.scalar_type());
-  FB_CUDA_CHECK((cos.dim() == 2 || cos.dim() == 3) && cos.size(-1) == d, op, "cos must be [R, ", d, "] or [B, S, ",
-                d, "], got shape ", cos.sizes());
+  FB_CUDA_CHECK((cos.dim() == 2 || cos.dim() == 3) && cos.size(-1) == d, op, "cos must be [R, ", d, "] or [B, S, ", d,
+                "], got shape ", cos.sizes());
   FB_CUDA_CHECK(sin.sizes() == cos.sizes() && sin.scalar_type() == cos.scalar_type(), op,
-                "sin must have cos's shape and dtype ", cos.sizes(), " ", cos.scalar_type(), ", got ", sin.sizes(),
-                " ", sin.scalar_type());
+                "sin must have cos's shape and dtype ", cos.sizes(), " ", cos.scalar_type(), ", got ", sin.sizes(), " ",
+                sin.scalar_type());
 
   fastbert::cuda::RotaryParams p{};
   p.dtype = kernel_dtype(op, "q", q);
@@ -74,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor> run(const char* op, const at::Tensor& q, cons
     check_cuda(op, "position_ids", pos, q);
     check_contiguous(op, "position_ids", pos);
     FB_CUDA_CHECK(pos.scalar_type() == at::kLong, op, "position_ids must have dtype int64, got ", pos.scalar_type());
-    FB_CUDA_CHECK(pos.dim() == 2 && pos.size(0) == q.size(0) && pos.size(1) == q.size(1), op,
-                  "position_ids must be [", q.size(0), ", ", q.size(1), "], got ", pos.sizes());
+    FB_CUDA_CHECK(pos.dim() == 2 && pos.size(0) == q.size(0) && pos.size(1) == q.size(1), op, "position_ids must be [",
+                  q.size(0), ", ", q.size(1), "], got ", pos.sizes());
     FB_CUDA_CHECK(cos.dim() == 2, op, "cos must be a [max_pos, ", d, "] table with position_ids, got ", cos.sizes());
     p.position_ids = pos.data_ptr<int64_t>();
     p.table_stride_s = cos.stride(0);
@@ -104,9 +104,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Ten
   return run(kRoFwd, q, k, cos, sin, position_ids, cu_seqlens, /*backward=*/false);
 }
 
-std::tuple<at::Tensor, at::Tensor> rotary_bwd(const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                              const at::Tensor& cos, const at::Tensor& sin,
-                                              const std::optional<at::Tensor>& position_ids,
+std::tuple<at::Tensor, at::Tensor> rotary_bwd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
+                                              const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                                               const std::optional<at::Tensor>& cu_seqlens) {
   return run(kRoBwd, grad_q, grad_k, cos, sin, position_ids, cu_seqlens, /*backward=*/true);
 }
