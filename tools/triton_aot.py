@@ -72,7 +72,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 # head dim 64, sequences of 128/512: sizes and strides), except these; it matters: a K loop whose bound is
 # not known to be a multiple of 16 gets scalar masked loads, which cannot be pipelined (cp.async needs
 # 4-byte vectors), and its shared memory and registers are not what a launch gets
-NOT_DIV16 = {"H", "rows", "M", "rows_per_prog", "drop_threshold", "total", "T", "S", "n_search", "n_seqs"}
+NOT_DIV16 = {"H", "rows", "M", "rows_per_prog", "drop_threshold", "total", "T", "S", "n_seqs"}
 # the unit strides of a typical launch: a contiguous bool mask, a bias broadcast over rows or contiguous,
 # the GEMM's row-major x, nn.Linear weight and output (the fp32 backward GEMMs use transposed views:
 # their variants compile with no unit stride)
@@ -358,8 +358,9 @@ ROTARY_LAYOUTS = ((False, False), (True, False), (False, True))
 def _rotary_variant(arch: int, dtype: str, d: int, has_pos: bool, packed: bool, backward: bool, wdtype: str,
                     origin: str = "fixed") -> Variant:
     block_t, block_h2, warps = _ro._tile(d // 2)
-    consts = dict(HALF=d // 2, HAS_POS=has_pos, PACKED=packed, BACKWARD=backward, BLOCK_T=block_t,
-                  BLOCK_H2=block_h2)
+    # SEARCH=8: binary search over up to 256 packed sequences
+    consts = dict(HALF=d // 2, HAS_POS=has_pos, PACKED=packed, BACKWARD=backward, SEARCH=8 if packed else 0,
+                  BLOCK_T=block_t, BLOCK_H2=block_h2)
     return Variant("_rotary_kernel", arch, dtype, tuple(consts.items()), warps, 3, origin, wdtype=wdtype)
 
 

@@ -31,12 +31,12 @@ def _rotary_kernel(
     T, S, H,  # sizes: T = B * S tokens
     stride_xb, stride_xs, stride_xh,  # X strides
     stride_cb, stride_cs,  # table strides per batch (0: shared) and per position row
-    n_search,  # binary-search steps over CU (PACKED): ceil(log2(n_seqs))
     n_seqs,  # sequences in CU (PACKED)
     HALF: tl.constexpr,  # D // 2
     HAS_POS: tl.constexpr,  # table row = POS[b, s]
     PACKED: tl.constexpr,  # table row = t - CU[seq(t)]
     BACKWARD: tl.constexpr,  # apply the transposed rotation
+    SEARCH: tl.constexpr,  # binary-search steps over CU (PACKED): >= ceil(log2(n_seqs)), a multiple of 4
     BLOCK_T: tl.constexpr, BLOCK_H2: tl.constexpr,  # tile: BLOCK_T tokens x BLOCK_H2 (>= HALF) pairs of one head
 ):
     h = tl.program_id(1)
@@ -49,7 +49,8 @@ def _rotary_kernel(
         # largest i < n_seqs with CU[i] <= t (empty sequences repeat a start: take the last of them)
         lo = tl.zeros([BLOCK_T], dtype=tl.int32)
         hi = tl.zeros([BLOCK_T], dtype=tl.int32) + n_seqs
-        for _ in range(n_search):
+        # unrolled (a run-time trip count spilled 8 B on sm_90a); steps past convergence keep lo
+        for _ in tl.static_range(SEARCH):
             mid = (lo + hi) // 2
             start = tl.load(CU + mid, mask=mask_t, other=0)
             below = start <= offs_t
@@ -89,7 +90,7 @@ def _rotary_kernel(
 def _tile(half: int):
     # ~2K pairs per program: a memory-bound elementwise op, few registers
     block_h2 = triton.next_power_of_2(max(half, 1))
-    block_t = max(1, min(128, 2048 // block_h2))
+    block_t = max(1, min(64, 2048 // block_h2))
     return block_t, block_h2, 4
 
 
@@ -111,15 +112,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids:
     else:
         scb, scs = 0, cos.stride(0)
     n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
-    n_search = max(n_seqs - 1, 0).bit_length()
+    search = -(-max(n_seqs - 1, 0).bit_length() // 4) * 4  # ceil(log2(n_seqs)) rounded up: few recompiles
     block_t, block_h2, warps = _tile(d // 2)
     grid = (triton.cdiv(tokens, block_t), heads)
     with _on_device(x):
         _rotary_kernel[grid](
             x, cos, sin, position_ids if position_ids is not None else x,
             cu_seqlens if cu_seqlens is not None else x, out,
-            tokens, seq, heads, sxb, sxs, sxh, scb, scs, n_search, n_seqs,
+            tokens, seq, heads, sxb, sxs, sxh, scb, scs, n_seqs,
             HALF=d // 2, HAS_POS=position_ids is not None, PACKED=cu_seqlens is not None, BACKWARD=backward,
+            SEARCH=search if cu_seqlens is not None else 0,
             BLOCK_T=block_t, BLOCK_H2=block_h2, num_warps=warps)
     return out
 

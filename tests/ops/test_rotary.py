@@ -9,6 +9,7 @@ import torch
 
 import fastbert
 from fastbert import backends, reference
+from fastbert.testing import assert_no_worse
 from fastbert.ops import rotary
 from tests.helpers import DEVICES, DTYPES, require_backend
 from tests.ops.gelu_checks import BACKENDS, DTYPE_IDS, _bf16_interpreted, _check, expect_error
@@ -103,20 +104,19 @@ def test_rotary_matches_reference(backend, device, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 def test_matches_hf_apply_rotary_pos_emb(backend, dtype, table_dtype):
-    """HF's ModernBERT rotary (its own module's cos/sin tables, its apply_rotary_pos_emb on [B, H, S, D]) as a
-    second oracle: fastbert on the [B, S, H, D] views of one QKV tensor is no worse than it."""
+    """HF's ModernBERT apply_rotary_pos_emb (on [B, H, S, D], with tables built as its rotary module builds
+    them: cat(freqs, freqs), base 10000) as a second oracle: fastbert on the [B, S, H, D] views of one QKV
+    tensor is no worse than it."""
     mb = pytest.importorskip("transformers.models.modernbert.modeling_modernbert")
     require_backend(backend, "cpu", KERNELS)
-    from transformers import ModernBertConfig
-
-    cfg = ModernBertConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=64)
-    rope = mb.ModernBertRotaryEmbedding(cfg)
     bsz, seq, heads, d = 2, 9, 2, 32
     qkv = torch.randn(bsz, seq, 3, heads, d).to(dtype)
     q, k, _ = qkv.unbind(2)
-    position_ids = torch.arange(seq)[None].expand(bsz, seq)
-    layer_type = next(iter(getattr(cfg, "layer_types", None) or ["full_attention"]))
-    cos, sin = rope(q.new_empty(1).to(torch.float32 if table_dtype == "fp32" else dtype), position_ids, layer_type)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.arange(seq, dtype=torch.float32)[None, :, None] * inv_freq  # [1, S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1).expand(bsz, seq, d)
+    tdt = torch.float32 if table_dtype == "fp32" else dtype
+    cos, sin = emb.cos().to(tdt), emb.sin().to(tdt)
     hq, hk = mb.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     q64, k64, (qr, kr) = _ref64(q, k, cos, sin, {})
     with fastbert.use_backend(backend):
@@ -141,6 +141,16 @@ def test_packed_positions_restart_per_sequence():
             seq2, _ = rotary(q[3:8][None], q[3:8][None], cos, sin)
         torch.testing.assert_close(q_out[3:8], seq2[0], rtol=0, atol=0)
         torch.testing.assert_close(q_out[:3], reference.rotary(q[None, :3], q[None, :3], cos, sin)[0][0])
+    # 19 sequences (some empty): more binary-search steps than one unrolled block of 4
+    lens = torch.randint(0, 4, (19,))
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32)
+    q = torch.randn(int(lens.sum()), 1, d)
+    want = reference.rotary(q, q, cos, sin, cu_seqlens=cu)[0]
+    want64 = reference.rotary(q.double(), q.double(), cos.double(), sin.double(), cu_seqlens=cu)[0]
+    for backend in ("triton", "cpu"):
+        if not backends.device_reasons(backend, torch.device("cpu"), KERNELS, forced=True):
+            with fastbert.use_backend(backend):
+                assert_no_worse("q_out", rotary(q, q, cos, sin, cu_seqlens=cu)[0], want, want64)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
