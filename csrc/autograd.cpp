@@ -1,5 +1,5 @@
-// Autograd for the C++ backends (cpu and cuda): the ops fastbert::add_layer_norm(_pre), bias_gelu, linear_gelu
-// and attention, each a torch::autograd::Function over the op's forward and backward kernels
+// Autograd for the C++ backends (cpu and cuda): the ops fastbert::add_layer_norm(_pre), bias_gelu, linear_gelu,
+// attention and rotary, each a torch::autograd::Function over the op's forward and backward kernels
 // (fastbert::<op>_fwd / _bwd, reached through the dispatcher, so one registration serves CPU and CUDA).
 //
 // Why in C++: the Python autograd.Function of fastbert/ops/*.py (apply, ctx, saved tensors, the Python
@@ -309,6 +309,46 @@ at::Tensor attention_forward_only(const at::Tensor& q, const at::Tensor& k, cons
       attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed));
 }
 
+// ---------------------------------------------------------------------------------------------
+// rotary (q and k get gradients; cos/sin are constants, position_ids/cu_seqlens integers)
+// ---------------------------------------------------------------------------------------------
+using RoSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const OptTensor&, const OptTensor&);
+
+FB_KERNEL_OP(ro_fwd, RoSig, "fastbert::rotary_fwd")
+FB_KERNEL_OP(ro_bwd, RoSig, "fastbert::rotary_bwd")
+
+struct RotaryFn : public torch::autograd::Function<RotaryFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                               const at::Tensor& sin, const OptTensor& position_ids, const OptTensor& cu_seqlens) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [q_out, k_out] = ro_fwd().call(q, k, cos, sin, position_ids, cu_seqlens);
+    ctx->save_for_backward({cos, sin, or_undefined(position_ids), or_undefined(cu_seqlens)});
+    return {q_out, k_out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    auto [dq, dk] = ro_bwd().call(grads[0].contiguous(), grads[1].contiguous(), s[0], s[1], or_none(s[2]),
+                                  or_none(s[3]));
+    const at::Tensor none;
+    return {dq, dk, none, none, none, none};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> rotary_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                   const at::Tensor& sin, const OptTensor& position_ids,
+                                                   const OptTensor& cu_seqlens) {
+  variable_list out = RotaryFn::apply(q, k, cos, sin, position_ids, cu_seqlens);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary_forward_only(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& cos, const at::Tensor& sin,
+                                                       const OptTensor& position_ids, const OptTensor& cu_seqlens) {
+  return ro_fwd().call(q, k, cos, sin, position_ids, cu_seqlens);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbert, Autograd, m) {
@@ -317,6 +357,7 @@ TORCH_LIBRARY_IMPL(fastbert, Autograd, m) {
   m.impl("add_layer_norm_pre", &add_layer_norm_pre_autograd);
   m.impl("bias_gelu", &bias_gelu_autograd);
   m.impl("linear_gelu", &linear_gelu_autograd);
+  m.impl("rotary", &rotary_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fastbert, CompositeExplicitAutograd, m) {
@@ -325,6 +366,7 @@ TORCH_LIBRARY_IMPL(fastbert, CompositeExplicitAutograd, m) {
   m.impl("add_layer_norm_pre", &add_layer_norm_pre_forward_only);
   m.impl("bias_gelu", &bias_gelu_forward_only);
   m.impl("linear_gelu", &linear_gelu_forward_only);
+  m.impl("rotary", &rotary_forward_only);
 }
 
 }  // namespace fastbert

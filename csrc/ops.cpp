@@ -2,7 +2,7 @@
 //   csrc/cpu/<op>.cpp             TORCH_LIBRARY_IMPL(fastbert, CPU, m)    (one block per file)
 //   csrc/cuda_bindings/*.cpp      TORCH_LIBRARY_IMPL(fastbert, CUDA, m)   (CUDA builds only)
 //   csrc/autograd.cpp             TORCH_LIBRARY_IMPL(fastbert, Autograd / CompositeExplicitAutograd, m):
-//                                 the training ops add_layer_norm(_pre), bias_gelu, linear_gelu, attention (C++
+//                                 the training ops add_layer_norm(_pre), bias_gelu, linear_gelu, attention, rotary (C++
 //                                 graph nodes over the _fwd/_bwd kernels of whichever device the inputs are on)
 // Fake (meta) kernels, and the autograd wiring of the triton backend, live on the Python side, in
 // fastbert/ops/<op>.py.
@@ -51,6 +51,9 @@ TORCH_LIBRARY(fastbert, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_bias, Tensor? cu_seqlens, "
       "int max_seqlen, bool causal, float scale, float dropout_p, Tensor? seed) -> Tensor");
+  m.def(
+      "rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, Tensor? cu_seqlens) -> "
+      "(Tensor q_out, Tensor k_out)");
 
   // gelu(x + bias); approximate is "none" (erf) or "tanh".
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
@@ -64,6 +67,19 @@ TORCH_LIBRARY(fastbert, m) {
   m.def(
       "linear_gelu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor pre, "
       "str approximate) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
+  // Rotary position embedding (rotate_half convention): q_out = q * cos + rotate_half(q) * sin, the same for k,
+  // in fp32, rounded once; outputs contiguous. Padded: q [B, S, H, D], k [B, S, Hk, D] (strided, unit stride
+  // along D); cos/sin contiguous, fp32 or q's dtype: [R, D] (row s, R >= S), [1 or B, S, D], or with
+  // position_ids (int64 [B, S], contiguous, values in [0, R)) a [R, D] table. Packed (cu_seqlens int32
+  // [n + 1]): q/k [total, H, D], table [R, D] indexed by t - cu_seqlens[seq(t)].
+  m.def(
+      "rotary_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, Tensor? cu_seqlens) -> "
+      "(Tensor q_out, Tensor k_out)");
+  // The gradients w.r.t. q and k (the transposed rotation) of the gradients of q_out and k_out.
+  m.def(
+      "rotary_bwd(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, Tensor? position_ids, "
+      "Tensor? cu_seqlens) -> (Tensor grad_q_in, Tensor grad_k_in)");
 
   // CPU inference GEMM on a weight packed once (csrc/cpu/gemm.cpp; AVX2 + FMA builds only): packed =
   // cpu_pack_weight(W) for an nn.Linear weight W [n, K] (packed as fp32); out = epilogue(x @ W^T + bias) with

@@ -203,3 +203,39 @@ def _attention_padded(q, k, v, attention_mask, attn_bias, causal, scale, dropout
         probs = _apply_dropout(probs, dropout_p, seed, offsets)
     out = torch.matmul(probs, vh)  # [B, H, Sq, D]
     return out.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# rotary position embedding (transformers' apply_rotary_pos_emb: ModernBERT, Llama, GPT-NeoX)
+# ----------------------------------------------------------------------------------------------
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat(-x2, x1) of the two halves of the last dim (transformers' rotate_half)."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotary_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of each packed token: t - cu_seqlens[seq(t)] (restarting at 0 for each sequence), int64."""
+    starts = cu_seqlens[:-1].long()
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lens, output_size=total)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+           position_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None):
+    """(q * cos + rotate_half(q) * sin, the same for k), cos/sin cast to q's dtype first (as HF's rotary
+    modules return them). Padded q, k [B, S, H, D]: cos/sin [S', D] (rows 0..S-1 used), [1 or B, S, D],
+    or a [max_pos, D] table indexed by position_ids [1 or B, S]. Packed q, k [total, H, D] with
+    cu_seqlens: a [max_pos, D] table indexed by each token's position within its sequence."""
+    if cu_seqlens is not None:
+        pos = rotary_positions(cu_seqlens, q.shape[0])
+        c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    elif position_ids is not None:
+        c, s = cos[position_ids][:, :, None, :], sin[position_ids][:, :, None, :]
+    elif cos.dim() == 2:
+        n = q.shape[1]
+        c, s = cos[:n][None, :, None, :], sin[:n][None, :, None, :]
+    else:
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+    c, s = c.to(q.dtype), s.to(q.dtype)
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s

@@ -36,7 +36,7 @@ def _nvidia_backend():
 def test_every_triton_kernel_is_compiled_by_the_ci_set():
     T = _tool()
     kernels = set()
-    for mod in ("attention", "add_layer_norm", "bias_gelu", "linear_gelu"):
+    for mod in ("attention", "add_layer_norm", "bias_gelu", "linear_gelu", "rotary"):
         m = importlib.import_module(f"fastbert.triton.{mod}")
         # JITFunction, or InterpretedFunction when the module was imported under TRITON_INTERPRET=1
         kernels |= {n for n, f in vars(m).items()

@@ -58,6 +58,7 @@ from fastbert.triton import attention as _attn  # noqa: E402
 from fastbert.triton import bias_gelu as _bg  # noqa: E402
 from fastbert.triton import configs  # noqa: E402
 from fastbert.triton import linear_gelu as _lg  # noqa: E402
+from fastbert.triton import rotary as _ro  # noqa: E402
 
 # per-block shared memory limits (opt-in maximum), bytes
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -71,7 +72,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 # head dim 64, sequences of 128/512: sizes and strides), except these; it matters: a K loop whose bound is
 # not known to be a multiple of 16 gets scalar masked loads, which cannot be pipelined (cp.async needs
 # 4-byte vectors), and its shared memory and registers are not what a launch gets
-NOT_DIV16 = {"H", "rows", "M", "rows_per_prog", "drop_threshold", "total"}
+NOT_DIV16 = {"H", "rows", "M", "rows_per_prog", "drop_threshold", "total", "T", "S", "n_seqs"}
 # the unit strides of a typical launch: a contiguous bool mask, a bias broadcast over rows or contiguous,
 # the GEMM's row-major x, nn.Linear weight and output (the fp32 backward GEMMs use transposed views:
 # their variants compile with no unit stride)
@@ -146,6 +147,7 @@ _ROLES: Dict[str, Dict[str, str]] = {
     "_bias_gelu_fwd_kernel": dict(X="x", B="x", OUT="x"),
     "_bias_gelu_bwd_kernel": dict(DY="x", X="x", B="x", DX="x"),
     "_linear_gelu_fwd_kernel": dict(X="x", W="x", B="x", OUT="x", PRE="x"),
+    "_rotary_kernel": dict(X="x", COS="w", SIN="w", POS="i64", CU="i32", OUT="x"),
 }
 _FLOAT_ARGS = {"sm_scale", "drop_scale", "eps"}
 _FNS = {
@@ -158,6 +160,7 @@ _FNS = {
     "_bias_gelu_fwd_kernel": _bg._bias_gelu_fwd_kernel,
     "_bias_gelu_bwd_kernel": _bg._bias_gelu_bwd_kernel,
     "_linear_gelu_fwd_kernel": _lg._linear_gelu_fwd_kernel,
+    "_rotary_kernel": _ro._rotary_kernel,
 }
 
 
@@ -348,6 +351,28 @@ def bias_gelu_variants(cover: str, archs) -> List[Variant]:
     return out
 
 
+# rotary's tables: (HAS_POS, PACKED) of the three layouts; the table dtype: fp32 ("fp32") or the activations'
+ROTARY_LAYOUTS = ((False, False), (True, False), (False, True))
+
+
+def _rotary_variant(arch: int, dtype: str, d: int, has_pos: bool, packed: bool, backward: bool, wdtype: str,
+                    origin: str = "fixed") -> Variant:
+    block_t, block_h2, warps = _ro._tile(d // 2)
+    # SEARCH=8: binary search over up to 256 packed sequences
+    consts = dict(HALF=d // 2, HAS_POS=has_pos, PACKED=packed, BACKWARD=backward, SEARCH=8 if packed else 0,
+                  BLOCK_T=block_t, BLOCK_H2=block_h2)
+    return Variant("_rotary_kernel", arch, dtype, tuple(consts.items()), warps, 3, origin, wdtype=wdtype)
+
+
+def rotary_variants(cover: str, archs) -> List[Variant]:
+    out = []
+    for dtype, d, (has_pos, packed), backward, arch in itertools.product(
+            DTYPES, HEAD_DIMS[cover], ROTARY_LAYOUTS, (False, True), archs):
+        for wdtype in ("fp32", "") if dtype != "fp32" else ("",):
+            out.append(_rotary_variant(arch, dtype, d, has_pos, packed, backward, wdtype))
+    return out
+
+
 def linear_gelu_variants(which: str, cover: str, archs) -> List[Variant]:
     names = ["HAS_BIAS", "SAVE_PRE"]
     out = []
@@ -429,6 +454,12 @@ def model_variants(archs) -> List[Variant]:
                 block_r, block_n, warps = _bg._elementwise_tile(n)
                 consts = dict(HAS_BIAS=has_bias, TANH=tanh, BLOCK_R=block_r, BLOCK_N=block_n)
                 out.append(Variant(kernel, arch, dtype, tuple(consts.items()), warps, 3, "fixed"))
+        # rotary: ModernBERT's padded [B, S, D] tables and its packed path, head dims 64 and 128
+        for dtype, d, has_pos, packed, backward, wdtype in (("bf16", 64, False, False, False, ""),
+                                                            ("bf16", 64, False, True, True, ""),
+                                                            ("fp16", 128, True, False, False, "fp32"),
+                                                            ("fp32", 64, False, True, False, "")):
+            out.append(_rotary_variant(arch, dtype, d, has_pos, packed, backward, wdtype))
     return out
 
 
@@ -445,6 +476,7 @@ _CI_PICKS = (
     ("_add_layer_norm_fwd_kernel", "bf16", 0, "STORE_PRE=1"),
     ("_add_layer_norm_bwd_kernel", "bf16", 0, "HAS_DPRE_IN=1"),
     ("_bias_gelu_fwd_kernel", "bf16", 0, ""), ("_bias_gelu_bwd_kernel", "bf16", 0, ""),
+    ("_rotary_kernel", "bf16", 0, "HALF=32"),
 )
 
 
@@ -464,7 +496,7 @@ def ci_variants(archs) -> List[Variant]:
 def all_variants(which: str, cover: str, archs) -> List[Variant]:
     vs = attention_variants(which, cover, archs) + linear_gelu_variants(which, cover, archs)
     if which == "default":  # the fixed-config kernels have no candidates: they belong to the default set
-        vs += layer_norm_variants(cover, archs) + bias_gelu_variants(cover, archs)
+        vs += layer_norm_variants(cover, archs) + bias_gelu_variants(cover, archs) + rotary_variants(cover, archs)
     seen, out = set(), []
     for v in vs:  # one config can come from several tables: compile it once
         key = (v.kernel, v.arch, v.dtype, v.consts, v.warps, v.stages, v.wdtype)

@@ -102,5 +102,33 @@ cudaError_t attention_bwd(const AttentionParams& p, AttnTensor grad_out, AttnTen
                           AttnTensor out, const float* lse, float* delta, AttnOutTensor grad_q, AttnOutTensor grad_k,
                           AttnOutTensor grad_v, cudaStream_t stream);
 
+// ------------------------------------------------------------------------------------------------
+// rotary (csrc/cuda/rotary.cu): out = x * cos + rotate_half(x) * sin (backward: the transposed rotation).
+// x element (b, s, h, d) at ptr + b*stride_b + s*stride_s + h*stride_h + d; packed: batch 1, seqlen =
+// total tokens. out: contiguous [batch * seqlen, heads, head_dim], x's dtype. Table row of token (b, s):
+// s - cu_seqlens[seq(s)] (cu_seqlens != nullptr), position_ids[b * seqlen + s] (!= nullptr), else
+// b * table_stride_b + s (in rows of table_stride_s elements); cos/sin have unit stride along D and dtype
+// table_dtype (fp32 or x's dtype). head_dim even.
+// ------------------------------------------------------------------------------------------------
+struct RotaryInput {
+  const void* ptr;
+  int64_t heads;
+  int64_t stride_b, stride_s, stride_h;
+};
+
+struct RotaryParams {
+  DType dtype, table_dtype;
+  int64_t batch, seqlen, head_dim;
+  const void* cos;
+  const void* sin;
+  int64_t table_stride_b, table_stride_s;
+  const int64_t* position_ids;  // device int64 [batch, seqlen] or nullptr
+  const int32_t* cu_seqlens;    // device int32 [n_seqs + 1] or nullptr
+  int64_t n_seqs;
+  bool backward;
+};
+
+cudaError_t rotary(const RotaryParams& p, const RotaryInput& x, void* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastbert
