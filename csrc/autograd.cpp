@@ -329,8 +329,8 @@ struct RotaryFn : public torch::autograd::Function<RotaryFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    auto [dq, dk] = ro_bwd().call(grads[0].contiguous(), grads[1].contiguous(), s[0], s[1], or_none(s[2]),
-                                  or_none(s[3]));
+    auto [dq, dk] =
+        ro_bwd().call(grads[0].contiguous(), grads[1].contiguous(), s[0], s[1], or_none(s[2]), or_none(s[3]));
     const at::Tensor none;
     return {dq, dk, none, none, none, none};
   }
@@ -343,9 +343,9 @@ std::tuple<at::Tensor, at::Tensor> rotary_autograd(const at::Tensor& q, const at
   return {out[0], out[1]};
 }
 
-std::tuple<at::Tensor, at::Tensor> rotary_forward_only(const at::Tensor& q, const at::Tensor& k,
-                                                       const at::Tensor& cos, const at::Tensor& sin,
-                                                       const OptTensor& position_ids, const OptTensor& cu_seqlens) {
+std::tuple<at::Tensor, at::Tensor> rotary_forward_only(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                       const at::Tensor& sin, const OptTensor& position_ids,
+                                                       const OptTensor& cu_seqlens) {
   return ro_fwd().call(q, k, cos, sin, position_ids, cu_seqlens);
 }
 
