@@ -268,11 +268,12 @@ __device__ __forceinline__ bool keep_score(const Dropout& dr, const AttentionPar
 
 // Scaled, biased score of (i, j) given the raw dot product, or -inf when the key is not visible.
 // kvalid: j < len_k and not padding. i < len_q is the caller's business.
-// Query i sits at key position i + seqlen_k - seqlen_q (bottom-right aligned; 0 shift when packed).
+// Query i sits at key position i + q_shift (bottom-right aligned: Sk - Sq, 0 when packed).
 __device__ __forceinline__ float score(const AttentionParams& p, float dot, int b, int h, int i, int j, bool kvalid) {
-  const int pos = i + (p.seqlen_k - p.seqlen_q);
-  if (!kvalid || (p.causal && j > pos)) return -INFINITY;
-  if (p.windowed && (j > pos + p.window || j < pos - p.window)) return -INFINITY;
+  const int rel = j - i - p.q_shift;  // key position - query position
+  if (!kvalid || (p.causal && rel > 0)) return -INFINITY;
+  // |rel| > window in one unsigned compare (the binding keeps window below the sequence length)
+  if (p.windowed && static_cast<unsigned>(rel + p.window) > p.window2) return -INFINITY;
   float s = dot * p.scale;
   if (p.bias != nullptr) {
     const float bv = load_as_float(
@@ -287,7 +288,7 @@ __device__ __forceinline__ float score(const AttentionParams& p, float dot, int 
 template <int BN>
 __device__ __forceinline__ void key_band(const AttentionParams& p, int m0, int m1, int len_k, int* n_begin,
                                          int* n_end) {
-  const int shift = p.seqlen_k - p.seqlen_q;
+  const int shift = p.q_shift;
   *n_begin = 0;
   *n_end = len_k;
   if (p.causal) *n_end = min(*n_end, m1 + shift);
@@ -301,7 +302,7 @@ __device__ __forceinline__ void key_band(const AttentionParams& p, int m0, int m
 template <int BM>
 __device__ __forceinline__ void query_band(const AttentionParams& p, int n0, int n1, int len_q, int* m_begin,
                                            int* m_end) {
-  const int shift = p.seqlen_k - p.seqlen_q;
+  const int shift = p.q_shift;
   int lo = 0;
   *m_end = len_q;
   if (p.causal) lo = max(0, n0 - shift);

@@ -141,6 +141,8 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
   // a window as long as the sequences hides nothing (and keeps position + window within int)
   p.windowed = window >= 0 && window < std::max(sh.Sq, sh.Sk);
   p.window = p.windowed ? static_cast<int>(window) : 0;
+  p.window2 = 2u * static_cast<unsigned>(p.window);
+  p.q_shift = sh.packed ? 0 : static_cast<int>(sh.Sk - sh.Sq);
   return p;
 }
 
