@@ -138,12 +138,14 @@ def _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_thresh
 
 @triton.jit
 def _in_window(offs_n, pos_m, window, CAUSAL: tl.constexpr):
-    """[BLOCK_M, BLOCK_N]: key j within the window of the query at key position p (p - w <= j, and
-    j <= p + w unless causal already bounds it by j <= p)."""
-    ok = offs_n[None, :] >= pos_m[:, None] - window
-    if not CAUSAL:
-        ok = ok & (offs_n[None, :] <= pos_m[:, None] + window)
-    return ok
+    """[BLOCK_M, BLOCK_N]: key j visible to the query at key position p under the window, and under
+    causal too when CAUSAL: p - w <= j <= p + w (causal: p - w <= j <= p), as one unsigned compare of
+    j - p + w against 2w (causal: w), so the band costs what the causal select alone costs."""
+    rel = (offs_n[None, :] - pos_m[:, None] + window).to(tl.uint32)
+    if CAUSAL:
+        return rel <= tl.cast(window, tl.uint32)
+    else:
+        return rel <= tl.cast(2 * window, tl.uint32)
 
 
 @triton.jit
@@ -218,10 +220,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_
             s = tl.where(key_ok[None, :], s, float("-inf"))
         elif MASK_KEYS:
             s = tl.where(n_ok[None, :], s, float("-inf"))
-        if CAUSAL:
-            s = tl.where(offs_n[None, :] <= pos_m[:, None], s, float("-inf"))
-        if WINDOW:
+        if WINDOW:  # the window and causal in one select
             s = tl.where(_in_window(offs_n, pos_m, window, CAUSAL), s, float("-inf"))
+        elif CAUSAL:
+            s = tl.where(offs_n[None, :] <= pos_m[:, None], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -390,10 +392,11 @@ def _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed
         if HAS_BIAS:
             s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
         p = tl.math.exp2(tl.minimum((s - lse[:, None]) * LOG2E, 0.0))
-        if CAUSAL:  # kpos = offs_n - q_shift: the keys' positions in query rows
-            p = tl.where(kpos[None, :] <= offs_m[:, None], p, 0.0)
-        if WINDOW:
+        # kpos = offs_n - q_shift: the keys' positions in query rows
+        if WINDOW:  # the window and causal in one select
             p = tl.where(_in_window(kpos, offs_m, window, CAUSAL), p, 0.0)
+        elif CAUSAL:
+            p = tl.where(kpos[None, :] <= offs_m[:, None], p, 0.0)
         dp = tl.dot(do, vT, input_precision="ieee")
         if DROPOUT:
             z = _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
@@ -525,10 +528,10 @@ def _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off
         if HAS_MASK:
             key_ok = tl.load(mask_row + offs_n * stride_mn, mask=n_ok, other=0) != 0
             p = tl.where(key_ok[None, :], p, 0.0)
-        if CAUSAL:
-            p = tl.where(offs_n[None, :] <= pos_m[:, None], p, 0.0)
-        if WINDOW:
+        if WINDOW:  # the window and causal in one select
             p = tl.where(_in_window(offs_n, pos_m, window, CAUSAL), p, 0.0)
+        elif CAUSAL:
+            p = tl.where(offs_n[None, :] <= pos_m[:, None], p, 0.0)
         dp = tl.dot(do, vT, input_precision="ieee")
         if DROPOUT:
             dp = dp * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
