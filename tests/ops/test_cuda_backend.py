@@ -943,5 +943,5 @@ def test_attention_window_under_host_emulation(tmp_path):
         pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
     L = _build_emulation(tmp_path)
     torch.manual_seed(0)
-    for dt in (torch.float32, torch.float16):
+    for dt in DTYPES:
         _attention_window_cases(L, dt)
