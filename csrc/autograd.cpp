@@ -256,12 +256,10 @@ at::Tensor linear_gelu_forward_only(const at::Tensor& x, const at::Tensor& weigh
 // ---------------------------------------------------------------------------------------------
 using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
-                                                      bool, double, double, const OptTensor&);
-using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                  const at::Tensor&, const at::Tensor&,
-                                                                  const at::Tensor&, const at::Tensor&,
-                                                                  const OptTensor&, const OptTensor&, const OptTensor&,
-                                                                  int64_t, bool, double, double, const OptTensor&);
+                                                      bool, double, double, const OptTensor&, int64_t);
+using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, double, double, const OptTensor&, int64_t);
 
 FB_KERNEL_OP(attn_fwd, AttnFwdSig, "fastbert::attention_fwd")
 FB_KERNEL_OP(attn_bwd, AttnBwdSig, "fastbert::attention_bwd")
@@ -269,44 +267,46 @@ FB_KERNEL_OP(attn_bwd, AttnBwdSig, "fastbert::attention_bwd")
 struct AttentionFn : public torch::autograd::Function<AttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const OptTensor& key_padding_mask, const OptTensor& attn_bias, const OptTensor& cu_seqlens,
-                            int64_t max_seqlen, bool causal, double scale, double dropout_p, const OptTensor& seed) {
+                            int64_t max_seqlen, bool causal, double scale, double dropout_p, const OptTensor& seed,
+                            int64_t window) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [out, lse] =
-        attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed);
+    auto [out, lse] = attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
+                                      dropout_p, seed, window);
     ctx->save_for_backward({q, k, v, out, lse, or_undefined(key_padding_mask), or_undefined(attn_bias),
                             or_undefined(cu_seqlens), or_undefined(seed)});
     ctx->saved_data["max_seqlen"] = max_seqlen;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["window"] = window;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    auto [dq, dk, dv] =
-        attn_bwd().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], or_none(s[5]), or_none(s[6]),
-                        or_none(s[7]), ctx->saved_data["max_seqlen"].toInt(), ctx->saved_data["causal"].toBool(),
-                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(), or_none(s[8]));
+    auto [dq, dk, dv] = attn_bwd().call(
+        grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], or_none(s[5]), or_none(s[6]), or_none(s[7]),
+        ctx->saved_data["max_seqlen"].toInt(), ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["dropout_p"].toDouble(), or_none(s[8]), ctx->saved_data["window"].toInt());
     const at::Tensor none;
-    return {dq, dk, dv, none, none, none, none, none, none, none, none};
+    return {dq, dk, dv, none, none, none, none, none, none, none, none, none};
   }
 };
 
 at::Tensor attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const OptTensor& key_padding_mask, const OptTensor& attn_bias,
                               const OptTensor& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
-                              double dropout_p, const OptTensor& seed) {
+                              double dropout_p, const OptTensor& seed, int64_t window) {
   return AttentionFn::apply(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p,
-                            seed);
+                            seed, window);
 }
 
 at::Tensor attention_forward_only(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const OptTensor& key_padding_mask, const OptTensor& attn_bias,
                                   const OptTensor& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
-                                  double dropout_p, const OptTensor& seed) {
-  return std::get<0>(
-      attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed));
+                                  double dropout_p, const OptTensor& seed, int64_t window) {
+  return std::get<0>(attn_fwd().call(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
+                                     dropout_p, seed, window));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ TORCH_LIBRARY(fastbert, m) {
   m.def("linear_gelu(Tensor x, Tensor weight, Tensor? bias, str approximate) -> Tensor");
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_bias, Tensor? cu_seqlens, "
-      "int max_seqlen, bool causal, float scale, float dropout_p, Tensor? seed) -> Tensor");
+      "int max_seqlen, bool causal, float scale, float dropout_p, Tensor? seed, int window=-1) -> Tensor");
   m.def(
       "rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, Tensor? cu_seqlens) -> "
       "(Tensor q_out, Tensor k_out)");
@@ -95,10 +95,11 @@ TORCH_LIBRARY(fastbert, m) {
   // max_seqlen when packed).
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_bias, "
-      "Tensor? cu_seqlens, int max_seqlen, bool causal, float scale, float dropout_p, Tensor? seed) -> "
-      "(Tensor out, Tensor lse)");
+      "Tensor? cu_seqlens, int max_seqlen, bool causal, float scale, float dropout_p, Tensor? seed, "
+      "int window=-1) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? attn_bias, Tensor? cu_seqlens, int max_seqlen, bool causal, "
-      "float scale, float dropout_p, Tensor? seed) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "float scale, float dropout_p, Tensor? seed, int window=-1) -> (Tensor grad_q, Tensor grad_k, "
+      "Tensor grad_v)");
 }

@@ -141,12 +141,15 @@ def attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     seed=None,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias + mask) v, per head, as HF's eager attention computes it.
 
     Padded: q [B, Sq, H, D], k/v [B, Sk, H, D]; attention_mask [B, Sk] (1/True = real token);
     attn_bias broadcastable to [B, H, Sq, Sk]. Packed: q/k/v [total, H, D] with cu_seqlens [B+1]
-    (attn_bias is then not accepted). causal: key j is visible to query i iff j <= i.
+    (attn_bias is then not accepted). Queries are the last Sq of Sk positions (bottom-right aligned):
+    query i sits at position i + Sk - Sq. causal: key j is visible to query i iff j <= i + Sk - Sq.
+    window w: key j is visible iff |i + Sk - Sq - j| <= w (with causal: 0 <= i + Sk - Sq - j <= w).
     A key is masked by attention_mask, by causal, or by an attn_bias value below BIAS_MASKED (-1e20:
     -inf and HF's fp32/bf16 finfo.min masks; NaN too), as in every backend's kernels. A query row that
     sees no key gives 0 (HF would give a uniform average of v or NaN).
@@ -160,16 +163,17 @@ def attention(
         outs = []
         for b, (s0, s1) in enumerate(zip(bounds[:-1], bounds[1:])):
             o = _attention_padded(q[None, s0:s1], k[None, s0:s1], v[None, s0:s1], None, None, causal,
-                                  scale, dropout_p, seed, batch_offset=b, s_q_total=S, s_k_total=S)
+                                  scale, dropout_p, seed, batch_offset=b, s_q_total=S, s_k_total=S, window=window)
             outs.append(o[0])
         if not outs:
             return torch.empty_like(q)
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0].contiguous()
-    return _attention_padded(q, k, v, attention_mask, attn_bias, causal, scale, dropout_p, seed)
+    return _attention_padded(q, k, v, attention_mask, attn_bias, causal, scale, dropout_p, seed, window=window)
 
 
 def _attention_padded(q, k, v, attention_mask, attn_bias, causal, scale, dropout_p, seed,
-                      batch_offset: int = 0, s_q_total: Optional[int] = None, s_k_total: Optional[int] = None):
+                      batch_offset: int = 0, s_q_total: Optional[int] = None, s_k_total: Optional[int] = None,
+                      window: Optional[int] = None):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     if scale is None:
@@ -184,8 +188,14 @@ def _attention_padded(q, k, v, attention_mask, attn_bias, causal, scale, dropout
         visible = visible & (attn_bias >= BIAS_MASKED)
     if attention_mask is not None:
         visible = visible & attention_mask.to(torch.bool)[:, None, None, :]
-    if causal:
-        visible = visible & torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+    if causal or window is not None:
+        # bottom-right aligned: query i is at key position i + Sk - Sq; rel = key - query position
+        rel = (torch.arange(Sk, device=q.device)[None, :] - torch.arange(Sq, device=q.device)[:, None]
+               - (Sk - Sq))
+        if causal:
+            visible = visible & (rel <= 0)
+        if window is not None:
+            visible = visible & (rel.abs() <= window)
     scores = scores.masked_fill(~visible, float("-inf"))
     any_visible = visible.any(-1, keepdim=True)
     # rows with no visible key: softmax over all -inf is NaN; define them as 0

@@ -282,9 +282,10 @@ def _heads(cover: str, d: int):
 
 
 def attention_variants(which: str, cover: str, archs) -> List[Variant]:
-    names = ["PACKED", "HAS_MASK", "HAS_BIAS", "CAUSAL", "DROPOUT"]
-    model = [dict(PACKED=False, HAS_MASK=True, HAS_BIAS=False, CAUSAL=False, DROPOUT=d) for d in (False, True)]
-    packed = dict(PACKED=True, HAS_MASK=False, HAS_BIAS=False, CAUSAL=True, DROPOUT=True)
+    names = ["PACKED", "HAS_MASK", "HAS_BIAS", "CAUSAL", "DROPOUT", "WINDOW"]
+    model = [dict(PACKED=False, HAS_MASK=True, HAS_BIAS=False, CAUSAL=False, DROPOUT=d, WINDOW=False)
+             for d in (False, True)]
+    packed = dict(PACKED=True, HAS_MASK=False, HAS_BIAS=False, CAUSAL=True, DROPOUT=True, WINDOW=False)
     none = dict.fromkeys(names, False)
     fsets = _flag_sets(names, _attention_legal, "all" if cover == "all" else "cover", model)
     kname = {"fwd": "_attention_fwd_kernel", "dkdv": "_attention_bwd_dkdv_kernel", "dq": "_attention_bwd_dq_kernel"}
@@ -404,18 +405,19 @@ def model_variants(archs) -> List[Variant]:
     """--set models: every kernel, both arches, the table configs of the paths models launch (padding
     mask or packed, dropout for training) at the head dims of BERT-family models (32, 64, 128), in bf16
     and fp32, fp16 once per kernel; the fullest flag set once per attention kernel."""
-    inf = dict(PACKED=False, HAS_MASK=True, HAS_BIAS=False, CAUSAL=False, DROPOUT=False)
+    inf = dict(PACKED=False, HAS_MASK=True, HAS_BIAS=False, CAUSAL=False, DROPOUT=False, WINDOW=False)
     train = dict(inf, DROPOUT=True)
-    full = dict(PACKED=False, HAS_MASK=True, HAS_BIAS=True, CAUSAL=True, DROPOUT=True)
-    packed = dict(PACKED=True, HAS_MASK=False, HAS_BIAS=False, CAUSAL=False, DROPOUT=False)
+    full = dict(PACKED=False, HAS_MASK=True, HAS_BIAS=True, CAUSAL=True, DROPOUT=True, WINDOW=True)
+    packed = dict(PACKED=True, HAS_MASK=False, HAS_BIAS=False, CAUSAL=False, DROPOUT=False, WINDOW=False)
+    local = dict(PACKED=True, HAS_MASK=False, HAS_BIAS=False, CAUSAL=False, DROPOUT=True, WINDOW=True)  # ModernBERT
     kname = {"fwd": "_attention_fwd_kernel", "dkdv": "_attention_bwd_dkdv_kernel", "dq": "_attention_bwd_dq_kernel"}
     picks = {  # (dtype, head dim, flags)
         "fwd": [("bf16", 64, inf), ("bf16", 64, train), ("bf16", 32, inf), ("bf16", 128, train), ("bf16", 64, packed),
-                ("bf16", 64, full), ("fp16", 64, inf), ("fp32", 64, train)],
+                ("bf16", 64, full), ("fp16", 64, inf), ("fp32", 64, train), ("bf16", 64, local)],
         "dkdv": [("bf16", 64, train), ("bf16", 128, train), ("bf16", 64, full), ("fp16", 64, train),
-                 ("fp32", 64, train)],
+                 ("fp32", 64, train), ("bf16", 64, local)],
         "dq": [("bf16", 64, train), ("bf16", 128, train), ("bf16", 64, full), ("fp16", 64, train),
-               ("fp32", 64, train)],
+               ("fp32", 64, train), ("bf16", 64, local)],
     }
     out = []
     for fam in configs.FAMILIES:
@@ -470,6 +472,8 @@ _CI_PICKS = (
     ("_attention_fwd_kernel", "bf16", 64, "DROPOUT=1"), ("_attention_fwd_kernel", "fp16", 64, "DROPOUT=0"),
     ("_attention_fwd_kernel", "fp32", 64, "DROPOUT=1"), ("_attention_bwd_dkdv_kernel", "bf16", 64, "HAS_BIAS=0"),
     ("_attention_bwd_dq_kernel", "bf16", 64, "HAS_BIAS=0"), ("_attention_bwd_preprocess_kernel", "bf16", 64, ""),
+    # ModernBERT's local layers: packed, sliding window (the band-bounded loops)
+    ("_attention_fwd_kernel", "bf16", 64, "WINDOW=1"), ("_attention_bwd_dkdv_kernel", "bf16", 64, "WINDOW=1"),
     ("_linear_gelu_fwd_kernel", "bf16", 0, ""), ("_linear_gelu_fwd_kernel", "fp32", 0, "ACTIVATION=0"),
     ("_add_layer_norm_fwd_kernel", "bf16", 0, "BLOCK_N=1024"),
     ("_add_layer_norm_bwd_kernel", "bf16", 0, "BLOCK_N=1024"),
@@ -487,7 +491,8 @@ def ci_variants(archs) -> List[Variant]:
             for v in model_variants([arch]):
                 c = dict(v.consts)
                 if (v.kernel == kernel and v.dtype == dtype and (not d or c.get("HEAD_D") == d)
-                        and (not must or must in v.label()) and not c.get("PACKED") and not c.get("CAUSAL")):
+                        and (not must or must in v.label()) and not c.get("CAUSAL")
+                        and (not c.get("PACKED") or c.get("WINDOW"))):
                     out.append(v)
                     break
     return out
@@ -511,7 +516,7 @@ def bert_base_variants(dtype: str = "bf16", arch: int = 90) -> List[Variant]:
     on the triton backend, inference and a training step, at one dtype: the first-call compile cost."""
     fam = "sm90" if arch == 90 else "sm80"
     out = []
-    inf = dict(PACKED=False, HAS_MASK=True, HAS_BIAS=False, CAUSAL=False)
+    inf = dict(PACKED=False, HAS_MASK=True, HAS_BIAS=False, CAUSAL=False, WINDOW=False)
     for kernel, dropout in (("fwd", False), ("fwd", True), ("dkdv", True), ("dq", True)):
         c = configs.attention(kernel, fam, dtype, 64, 128)
         consts = dict(HEAD_D=64, BLOCK_D=64, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"], **inf,

@@ -12,7 +12,8 @@
 // docs/perf-notes.md).
 //
 // Forward, per query row i, over key tiles (m = running max, l = running sum, o = running output):
-//   s_j = scale * q_i . k_j + bias_ij          (-inf where masked: padding, causal j > i)
+//   s_j = scale * q_i . k_j + bias_ij          (-inf where masked: padding, causal j > i + Sk - Sq, outside
+//                                               the window |i + Sk - Sq - j| > w; key tiles outside skipped)
 //   m' = max(m, max_j s_j);  p_j = exp(s_j - m');  c = exp(m - m')
 //   l' = c * l + sum_j p_j;  o' = c * o + sum_j z_ij p_j v_j    (z: dropout factor, 0 or 1/(1-p))
 // and at the end out_i = o / l, lse_i = m + log l. The softmax denominator l sums the undropped p,
@@ -176,8 +177,31 @@ struct Problem {
   const int32_t* cu = nullptr;
   at::Tensor mask, bias;  // mask bool [B, Sk]; bias expanded to [B, H, Sq, Sk]
   bool causal = false;
+  // queries are the last Sq of Sk positions: query i sits at key position i + off (off = Sk - Sq; 0 when
+  // packed). Key j is visible iff rel = j - i - off satisfies rel <= 0 (causal) and |rel| <= win (win >= 0).
+  int64_t off = 0;
+  int64_t win = -1;
   float scale = 1.f;
   Dropout drop;
+
+  // [first, last) gathered keys that can be visible to query rows [i0, i1]: a band (causal, window) bounds
+  // the range, first rounded down to a multiple of kCol so the GEMM operands stay aligned (kidx is sorted)
+  inline void key_span(const std::vector<int32_t>& kidx, int64_t i0, int64_t i1, int64_t* first, int64_t* last) const {
+    const int64_t nk = static_cast<int64_t>(kidx.size());
+    auto clamp32 = [](int64_t x) {
+      return static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(x, -1), std::numeric_limits<int32_t>::max()));
+    };
+    *first = 0;
+    *last = nk;
+    if (causal || win >= 0) {
+      const int64_t hi = i1 + off + (causal ? 0 : win);  // the last key position row i1 can see
+      *last = std::upper_bound(kidx.begin(), kidx.end(), clamp32(hi)) - kidx.begin();
+    }
+    if (win >= 0) {
+      const int64_t lo = i0 + off - win;  // the first key position row i0 can see
+      *first = (std::lower_bound(kidx.begin(), kidx.end(), clamp32(lo)) - kidx.begin()) / kCol * kCol;
+    }
+  }
 
   // (first row, number of query rows, number of key rows) of sequence b
   inline void seq(int64_t b, int64_t* start, int64_t* nq, int64_t* nk) const {
@@ -222,9 +246,14 @@ struct Problem {
       add_bias_row(bias, row, bias.stride(3), kidx, n_valid, s);
     }
     const float ninf = -std::numeric_limits<float>::infinity();
+    const int64_t pos = i + off;  // the query's key position
     if (causal) {
       for (int64_t c = 0; c < n_valid; ++c)
-        if (kidx[c] > i) s[c] = ninf;
+        if (kidx[c] > pos) s[c] = ninf;
+    }
+    if (win >= 0) {
+      for (int64_t c = 0; c < n_valid; ++c)
+        if (kidx[c] > pos + win || kidx[c] < pos - win) s[c] = ninf;
     }
     for (int64_t c = n_valid; c < width; ++c) s[c] = ninf;
   }
@@ -336,11 +365,12 @@ void fwd_task(const Problem& P, const at::Tensor& q, const at::Tensor& k, const 
     std::fill(O.begin(), O.end(), 0.f);
     std::fill(m.begin(), m.end(), ninf);
     std::fill(l.begin(), l.end(), 0.f);
-    // causal: keys past the tile's last query are invisible to all of it (kidx is sorted)
-    const int64_t kend =
-        P.causal ? std::upper_bound(kidx.begin(), kidx.end(), static_cast<int32_t>(q0 + qn - 1)) - kidx.begin() : nk;
-    for (int64_t kb = 0; kb < kend; kb += bk) {
-      const int64_t width = std::min(bk, nkp - kb), nv = std::min(bk, kend - kb);
+    // causal / window: keys outside the tile's band are invisible to all of it, their tiles skipped
+    int64_t kbeg, kend;
+    P.key_span(kidx, q0, q0 + qn - 1, &kbeg, &kend);
+    for (int64_t kb = kbeg; kb < kend; kb += bk) {
+      // kb is a multiple of kCol, so width <= nkp - kb; columns past kend are masked (-inf, p = 0)
+      const int64_t width = std::min(bk, round_up(kend - kb, kCol)), nv = std::min(bk, kend - kb);
       gemm_f32(qn, width, D, Q.data(), D, Kt.get() + kb, nkp, S.data(), bk, P.scale, false);
       for (int64_t r = 0; r < qn; ++r) {
         const int64_t i = q0 + r;
@@ -429,18 +459,18 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
 
   for (int64_t q0 = 0; q0 < nq; q0 += bq) {
     const int64_t qn = std::min(bq, nq - q0);
-    // causal: keys past the block's last query are invisible to all of it (kidx is sorted)
-    const int64_t kend =
-        P.causal ? std::upper_bound(kidx.begin(), kidx.end(), static_cast<int32_t>(q0 + qn - 1)) - kidx.begin() : nk;
-    if (kend == 0) continue;  // no visible key: these rows' gradients are 0
-    const int64_t w = round_up(kend, kCol);
-    gemm_f32(qn, w, D, Q.data() + q0 * Dp, Dp, Kt.get(), nkp, S.data(), nkp, P.scale, false);
-    gemm_f32(qn, w, D, dO.data() + q0 * Dp, Dp, Vt.get(), nkp, dP.data(), nkp, 1.f, false);
+    // causal / window: only the gathered keys [kbeg, kend) can be visible to this block (kbeg % kCol == 0)
+    int64_t kbeg, kend;
+    P.key_span(kidx, q0, q0 + qn - 1, &kbeg, &kend);
+    if (kend <= kbeg) continue;                                       // no visible key: these rows' gradients are 0
+    const int64_t w = round_up(kend - kbeg, kCol), nv = kend - kbeg;  // kbeg + w <= nkp
+    gemm_f32(qn, w, D, Q.data() + q0 * Dp, Dp, Kt.get() + kbeg, nkp, S.data(), nkp, P.scale, false);
+    gemm_f32(qn, w, D, dO.data() + q0 * Dp, Dp, Vt.get() + kbeg, nkp, dP.data(), nkp, 1.f, false);
     for (int64_t r = 0; r < qn; ++r) {
       const int64_t i = q0 + r;
       float* p = S.data() + r * nkp;
       float* dp = dP.data() + r * nkp;
-      P.mask_row(b, h, i, kidx.data(), kend, w, p);
+      P.mask_row(b, h, i, kidx.data() + kbeg, nv, w, p);
       const float mx = hmax(p, w);
       if (mx == ninf) {  // no visible key (lse = +inf): P = 0, dS = 0
         std::fill(p, p + w, 0.f);
@@ -454,8 +484,8 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
         });
         const Vec inv(static_cast<float>(1.0 / l));
         if (P.drop.on) {
-          P.dropout_row(b, h, i, kidx.data(), kend, z.data());
-          std::fill(z.begin() + kend, z.begin() + w, 0.f);
+          P.dropout_row(b, h, i, kidx.data() + kbeg, nv, z.data());
+          std::fill(z.begin() + nv, z.begin() + w, 0.f);
         }
         const float* zr = P.drop.on ? z.data() : nullptr;
         // P = e / l; dP <- z * dP (dropout); Delta = sum_j P dP
@@ -478,9 +508,9 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
       }
     }
     // dV += (zP)^T dO ; dK += scale dS^T Q ; dQ = scale dS K
-    gemm_f32_at(w, Dp, qn, S.data(), nkp, dO.data() + q0 * Dp, Dp, dV.get(), Dp, 1.f, true);
-    gemm_f32_at(w, Dp, qn, dP.data(), nkp, Q.data() + q0 * Dp, Dp, dK.get(), Dp, P.scale, true);
-    gemm_f32(qn, Dp, w, dP.data(), nkp, Krow.get(), Dp, dQ.data() + q0 * Dp, Dp, P.scale, false);
+    gemm_f32_at(w, Dp, qn, S.data(), nkp, dO.data() + q0 * Dp, Dp, dV.get() + kbeg * Dp, Dp, 1.f, true);
+    gemm_f32_at(w, Dp, qn, dP.data(), nkp, Q.data() + q0 * Dp, Dp, dK.get() + kbeg * Dp, Dp, P.scale, true);
+    gemm_f32(qn, Dp, w, dP.data(), nkp, Krow.get() + kbeg * Dp, Dp, dQ.data() + q0 * Dp, Dp, P.scale, false);
   }
   T *gqb = gq.data_ptr<T>(), *gkb = gk.data_ptr<T>(), *gvb = gv.data_ptr<T>();
   for (int64_t i = 0; i < nq; ++i) {
@@ -508,7 +538,7 @@ void bwd_task(const Problem& P, const at::Tensor& g, const at::Tensor& q, const 
 Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& attn_bias,
                      const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool causal, double scale,
-                     double dropout_p, const c10::optional<at::Tensor>& seed) {
+                     double dropout_p, const c10::optional<at::Tensor>& seed, int64_t window) {
   Problem P;
   P.packed = has(cu_seqlens);
   const int64_t rank = P.packed ? 3 : 4;
@@ -584,6 +614,11 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, c
     }
   }
   P.causal = causal;
+  FB_CHECK(window >= -1, op, "window must be >= 0 (or -1: none), got ", window);
+  P.win = window;
+  P.off = P.packed ? 0 : P.Sk - P.Sq;
+  FB_CHECK(!causal || P.off >= 0, op, "causal needs Sq <= Sk (queries are the last Sq of Sk positions), got Sq ", P.Sq,
+           ", Sk ", P.Sk);
   P.scale = static_cast<float>(scale);
   P.drop = Dropout(dropout_p, check_dropout(op, dropout_p, seed));
   return P;
@@ -594,9 +629,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& attn_bias,
                                                  const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                                  bool causal, double scale, double dropout_p,
-                                                 const c10::optional<at::Tensor>& seed) {
-  Problem P =
-      make_problem(kFwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed);
+                                                 const c10::optional<at::Tensor>& seed, int64_t window) {
+  Problem P = make_problem(kFwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p,
+                           seed, window);
   at::Tensor out = new_output(q.sizes(), q.scalar_type());
   at::Tensor lse = P.packed ? new_output({P.H, q.size(0)}, at::kFloat) : new_output({P.B, P.H, P.Sq}, at::kFloat);
   if (q.numel() == 0) return {out, lse};
@@ -613,9 +648,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& key_padding_mask,
     const c10::optional<at::Tensor>& attn_bias, const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-    bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed) {
-  Problem P =
-      make_problem(kBwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed);
+    bool causal, double scale, double dropout_p, const c10::optional<at::Tensor>& seed, int64_t window) {
+  Problem P = make_problem(kBwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p,
+                           seed, window);
   for (const auto& pr : {std::make_pair("grad_out", &grad_out), std::make_pair("out", &out)}) {
     const at::Tensor& t = *pr.second;
     check_cpu(kBwd, pr.first, t);

@@ -2,7 +2,8 @@
 // WMMA (16x16x16 fragments, fp32 accumulation); fp32: plain FMA on CUDA cores (IEEE fp32, no TF32).
 //
 // Math (one (batch, head) pair; rows i are queries, columns j keys; c = scale):
-//   s_ij = c * q_i . k_j + bias_ij   (masked, i.e. -inf: padding key, causal j > i, j >= Sk, bias < -1e20)
+//   s_ij = c * q_i . k_j + bias_ij   (masked, i.e. -inf: padding key, causal j > i + Sk - Sq, j >= Sk,
+//   bias < -1e20, outside the window |i + Sk - Sq - j| > w; key/query tiles outside the band are skipped)
 //   P_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
 //   Z_ij = keep_ij / (1 - p)   (dropout; Z = 1 when p = 0)
 //   o_i  = sum_j Z_ij P_ij v_j
@@ -267,8 +268,12 @@ __device__ __forceinline__ bool keep_score(const Dropout& dr, const AttentionPar
 
 // Scaled, biased score of (i, j) given the raw dot product, or -inf when the key is not visible.
 // kvalid: j < len_k and not padding. i < len_q is the caller's business.
+// Query i sits at key position i + q_shift (bottom-right aligned: Sk - Sq, 0 when packed).
 __device__ __forceinline__ float score(const AttentionParams& p, float dot, int b, int h, int i, int j, bool kvalid) {
-  if (!kvalid || (p.causal && j > i)) return -INFINITY;
+  const int rel = j - i - p.q_shift;  // key position - query position
+  if (!kvalid || (p.causal && rel > 0)) return -INFINITY;
+  // |rel| > window in one unsigned compare (the binding keeps window below the sequence length)
+  if (p.windowed && static_cast<unsigned>(rel + p.window) > p.window2) return -INFINITY;
   float s = dot * p.scale;
   if (p.bias != nullptr) {
     const float bv = load_as_float(
@@ -277,6 +282,35 @@ __device__ __forceinline__ float score(const AttentionParams& p, float dot, int 
     s += bv;
   }
   return s;
+}
+
+// The key tiles [n_begin, n_end) that query rows [m0, m1) can see (causal, window); n_begin a multiple of BN.
+template <int BN>
+__device__ __forceinline__ void key_band(const AttentionParams& p, int m0, int m1, int len_k, int* n_begin,
+                                         int* n_end) {
+  const int shift = p.q_shift;
+  *n_begin = 0;
+  *n_end = len_k;
+  if (p.causal) *n_end = min(*n_end, m1 + shift);
+  if (p.windowed) {
+    if (!p.causal) *n_end = min(*n_end, m1 + shift + p.window);
+    *n_begin = max(0, m0 + shift - p.window) / BN * BN;
+  }
+}
+
+// The query tiles [m_begin, m_end) that can see a key of [n0, n1) (causal, window); m_begin a multiple of BM.
+template <int BM>
+__device__ __forceinline__ void query_band(const AttentionParams& p, int n0, int n1, int len_q, int* m_begin,
+                                           int* m_end) {
+  const int shift = p.q_shift;
+  int lo = 0;
+  *m_end = len_q;
+  if (p.causal) lo = max(0, n0 - shift);
+  if (p.windowed) {
+    if (!p.causal) lo = max(0, n0 - shift - p.window);
+    *m_end = min(*m_end, n1 - shift + p.window);
+  }
+  *m_begin = lo / BM * BM;
 }
 
 // Key validity for the key tile starting at n0: kv[c] = n0 + c < len_k and the key is not padding.
@@ -378,11 +412,11 @@ __global__ void __launch_bounds__(kThreads)
     m_i[r] = -INFINITY;
     l_i[r] = 0.f;
   }
-  // keys a row of this tile can see: all, or (causal) up to the tile's last query
-  int n_end = sq.len_k;
-  if (p.causal) n_end = min(n_end, min(m0 + BM, sq.len_q));
+  // keys a row of this tile can see: all, or those of its band (causal, window): other tiles are skipped
+  int n_begin, n_end;
+  key_band<BN>(p, m0, min(m0 + BM, sq.len_q), sq.len_k, &n_begin, &n_end);
 
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     __syncthreads();  // the previous tile's P.V is done with Ks, Vs, Ps (and Q/O init is visible)
     const int nvalid = min(BN, sq.len_k - n0);
     load_rows<T, DP, L::LDT, BN>(Ks, row_ptr<T>(k, b, sq.start + n0, h), k.stride_s, nvalid, d, vec);
@@ -527,10 +561,11 @@ __global__ void __launch_bounds__(kThreads)
   load_key_valid<BN>(kv, p, b, n0, sq.len_k);
   zero_acc<DP, L::LDA>(dKs, BN);
   zero_acc<DP, L::LDA>(dVs, BN);
-  // causal: query i sees key j iff j <= i, so query tiles ending before n0 contribute nothing
-  const int m_begin = p.causal ? (n0 / BM) * BM : 0;
+  // causal / window: query tiles outside this key tile's band contribute nothing and are skipped
+  int m_begin, m_end;
+  query_band<BM>(p, n0, min(n0 + BN, sq.len_k), sq.len_q, &m_begin, &m_end);
 
-  for (int m0 = m_begin; m0 < sq.len_q; m0 += BM) {
+  for (int m0 = m_begin; m0 < m_end; m0 += BM) {
     __syncthreads();  // previous tile's products are done with Qs, dOs, ZPs, dSs (and K/V init is visible)
     const int mvalid = min(BM, sq.len_q - m0);
     load_rows<T, DP, L::LDT, BM>(Qs, row_ptr<T>(q, b, sq.start + m0, h), q.stride_s, mvalid, d, vec);
@@ -589,10 +624,10 @@ __global__ void __launch_bounds__(kThreads)
   load_rows<T, DP, L::LDT, BM>(dOs, row_ptr<T>(grad_out, b, sq.start + m0, h), grad_out.stride_s, mvalid, d, vec);
   load_row_stats<BM>(lse_s, delta_s, p, lse, delta, b, h, m0, sq);
   zero_acc<DP, L::LDA>(dQs, BM);
-  int n_end = sq.len_k;
-  if (p.causal) n_end = min(n_end, min(m0 + BM, sq.len_q));
+  int n_begin, n_end;
+  key_band<BN>(p, m0, min(m0 + BM, sq.len_q), sq.len_k, &n_begin, &n_end);
 
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     __syncthreads();  // previous tile's dQ product is done with Ks, dSs (and Q/dO/stats init is visible)
     const int nvalid = min(BN, sq.len_k - n0);
     load_rows<T, DP, L::LDT, BN>(Ks, row_ptr<T>(k, b, sq.start + n0, h), k.stride_s, nvalid, d, vec);

@@ -84,6 +84,13 @@ struct AttentionParams {
   DType bias_dtype;
   int64_t bias_stride_b, bias_stride_h, bias_stride_i, bias_stride_j;
   bool causal;
+  // queries are the last seqlen_q of seqlen_k positions: key j is visible to query i iff, with
+  // rel = j - i - q_shift, rel <= 0 (causal) and |rel| <= window (when windowed; false in a
+  // zero-initialized struct: no window). q_shift = seqlen_k - seqlen_q (padded), 0 (packed).
+  int q_shift;
+  bool windowed;
+  int window;
+  unsigned window2;  // 2 * window
   float scale;
   double dropout_p;
   const int64_t* seed;  // device int64 [1], nullptr when dropout_p == 0

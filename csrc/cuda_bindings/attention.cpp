@@ -43,7 +43,7 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
                             const std::optional<at::Tensor>& key_padding_mask,
                             const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_seqlens,
                             int64_t max_seqlen, bool causal, double scale, double dropout_p,
-                            const std::optional<at::Tensor>& seed, Shapes& sh, at::Tensor& bias_view) {
+                            const std::optional<at::Tensor>& seed, int64_t window, Shapes& sh, at::Tensor& bias_view) {
   check_cuda(op, "q", q, q);
   const DType dtype = kernel_dtype(op, "q", q);
   sh.packed = has(cu_seqlens);
@@ -96,8 +96,8 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
     sh.Sk = k.size(1);
     sh.total = 0;
     FB_CUDA_CHECK(k.size(0) == sh.B, op, "k must have q's batch size ", sh.B, ", got ", k.size(0));
-    FB_CUDA_CHECK(!causal || sh.Sq == sh.Sk, op, "causal needs as many queries as keys, got Sq=", sh.Sq,
-                  ", Sk=", sh.Sk);
+    FB_CUDA_CHECK(!causal || sh.Sq <= sh.Sk, op,
+                  "causal needs Sq <= Sk (queries are the last Sq of Sk positions), got Sq=", sh.Sq, ", Sk=", sh.Sk);
     if (has(key_padding_mask)) {
       const at::Tensor& m = *key_padding_mask;
       check_cuda(op, "key_padding_mask", m, q);
@@ -137,6 +137,12 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
   p.batch = static_cast<int>(sh.B);
   p.seqlen_q = static_cast<int>(sh.Sq);
   p.seqlen_k = static_cast<int>(sh.Sk);
+  FB_CUDA_CHECK(window >= -1, op, "window must be >= 0 (or -1: none), got ", window);
+  // a window as long as the sequences hides nothing (and keeps position + window within int)
+  p.windowed = window >= 0 && window < std::max(sh.Sq, sh.Sk);
+  p.window = p.windowed ? static_cast<int>(window) : 0;
+  p.window2 = 2u * static_cast<unsigned>(p.window);
+  p.q_shift = sh.packed ? 0 : static_cast<int>(sh.Sk - sh.Sq);
   return p;
 }
 
@@ -150,11 +156,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& attn_bias,
                                                  const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
                                                  bool causal, double scale, double dropout_p,
-                                                 const std::optional<at::Tensor>& seed) {
+                                                 const std::optional<at::Tensor>& seed, int64_t window) {
   Shapes sh;
   at::Tensor bias_view;
   const AttentionParams p = make_params(kFwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal,
-                                        scale, dropout_p, seed, sh, bias_view);
+                                        scale, dropout_p, seed, window, sh, bias_view);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = new_output(q.sizes(), q.options());
   at::Tensor lse = new_output(lse_shape(sh), q.options().dtype(at::kFloat));
@@ -173,11 +179,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-    bool causal, double scale, double dropout_p, const std::optional<at::Tensor>& seed) {
+    bool causal, double scale, double dropout_p, const std::optional<at::Tensor>& seed, int64_t window) {
   Shapes sh;
   at::Tensor bias_view;
   const AttentionParams p = make_params(kBwd, q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal,
-                                        scale, dropout_p, seed, sh, bias_view);
+                                        scale, dropout_p, seed, window, sh, bias_view);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
     check_cuda(kBwd, name, t, q);
     FB_CUDA_CHECK(t.sizes() == q.sizes(), kBwd, name, " must have q's shape ", q.sizes(), ", got ", t.sizes());

@@ -36,22 +36,24 @@ API_MAX_HEAD_DIM = 256
 @torch.library.custom_op("fastbert::triton_attention_fwd", mutates_args=())
 def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                 attn_bias: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
-                causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor], window: int = -1
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     return C.triton_module(OP).attention_fwd(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen,
-                                             causal, scale, dropout_p, seed)
+                                             causal, scale, dropout_p, seed, window)
 
 
 @torch.library.custom_op("fastbert::triton_attention_bwd", mutates_args=())
 def _triton_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor],
                 cu_seqlens: Optional[torch.Tensor], max_seqlen: int, causal: bool, scale: float,
-                dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                dropout_p: float, seed: Optional[torch.Tensor], window: int = -1
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return C.triton_module(OP).attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, cu_seqlens,
-                                             max_seqlen, causal, scale, dropout_p, seed)
+                                             max_seqlen, causal, scale, dropout_p, seed, window)
 
 
-def _fwd_fake(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
+def _fwd_fake(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed,
+              window=-1):
     if cu_seqlens is not None:  # packed [total, H, D]: lse [H, total]
         lse_shape = (q.shape[1], q.shape[0])
     else:  # [B, Sq, H, D]: lse [B, H, Sq]
@@ -60,7 +62,7 @@ def _fwd_fake(q, k, v, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, caus
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale,
-              dropout_p, seed):
+              dropout_p, seed, window=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -124,23 +126,23 @@ class _AttentionFn(torch.autograd.Function):
     """The triton backend's autograd (cpu/cuda: fastbert::attention, a C++ graph node)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
+    def forward(ctx, q, k, v, mask, bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed, window):
         out, lse = C.kernel("triton", OP, "attention_fwd")(q, k, v, mask, bias, cu_seqlens, max_seqlen, causal,
-                                                          scale, dropout_p, seed)
+                                                          scale, dropout_p, seed, window)
         ctx.save_for_backward(q, k, v, out, lse, mask, bias, cu_seqlens, seed)
-        ctx.args = (max_seqlen, causal, scale, dropout_p)
+        ctx.args = (max_seqlen, causal, scale, dropout_p, window)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask, bias, cu_seqlens, seed = ctx.saved_tensors
-        max_seqlen, causal, scale, dropout_p = ctx.args
+        max_seqlen, causal, scale, dropout_p, window = ctx.args
         dq, dk, dv = C.kernel("triton", OP, "attention_bwd")(
             grad_out.contiguous(), q, k, v, out, lse, mask, bias, cu_seqlens, max_seqlen, causal, scale,
-            dropout_p, seed)
+            dropout_p, seed, window)
         need = ctx.needs_input_grad
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +192,7 @@ def attention(
     causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + attn_bias, masked) v per head, fused; returns a contiguous tensor in q's layout.
 
@@ -198,7 +201,12 @@ def attention(
     integer, 1/True = real token (HF convention). attn_bias: float, broadcastable to [B, H, Sq, Sk].
     Packed (padding-free): q/k/v [total, H, D] with cu_seqlens int32 [B + 1] (sequence starts, 0 first,
     total last) and optionally max_seqlen (given, no host sync is needed for CUDA tensors; then
-    cu_seqlens is trusted). causal: key j is visible to query i iff j <= i (needs Sq == Sk).
+    cu_seqlens is trusted). Queries are the last Sq of the Sk key positions (bottom-right aligned, as
+    flash-attn and HF's KV cache): query i sits at position i + Sk - Sq (packed: Sq == Sk per sequence).
+    causal: key j is visible to query i iff j <= i + Sk - Sq (needs Sq <= Sk; a key/value prefix).
+    window w (int >= 0): a symmetric sliding window, key j visible iff |i + Sk - Sq - j| <= w (with
+    causal: 0 <= i + Sk - Sq - j <= w), within each sequence; ModernBERT's local layers use
+    w = local_attention // 2. The kernels skip key tiles outside the band (forward and backward).
     scale defaults to 1/sqrt(D). dropout_p > 0 drops attention probabilities with fastbert's Philox
     stream, seeded from torch's generator for q's device; backward regenerates the same mask.
     A query row that sees no key gives 0. fp16/bf16/fp32 run fused (fp32 is IEEE, no TF32); float64
@@ -235,6 +243,11 @@ def attention(
         raise ValueError(_err(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}"))
     if not isinstance(causal, bool):
         raise TypeError(_err(f"causal must be a bool, got {type(causal).__name__}"))
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(_err(f"window must be an int or None, got {type(window).__name__}"))
+        if window < 0:
+            raise ValueError(_err(f"window must be >= 0 (keys within window positions of the query), got {window}"))
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     else:
@@ -257,8 +270,9 @@ def attention(
             raise ValueError(_err("max_seqlen is only meaningful with cu_seqlens (packed inputs)"))
         B, Sq, H, _ = q.shape
         Sk = k.shape[1]
-        if causal and Sq != Sk:
-            raise ValueError(_err(f"causal needs as many queries as keys, got Sq={Sq}, Sk={Sk}"))
+        if causal and Sq > Sk:
+            raise ValueError(_err(f"causal needs at most as many queries as keys (queries are the last Sq of Sk "
+                                  f"positions), got Sq={Sq}, Sk={Sk}"))
         if attention_mask is not None:
             C.check_tensor("attention_mask", attention_mask, op=OP, ndim=(2,), dtypes=())
             if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
@@ -283,15 +297,18 @@ def attention(
                                       f"[B, H, Sq, Sk] = [{B}, {H}, {Sq}, {Sk}]"))
         max_seqlen = max(Sq, Sk)
 
+    if window is not None and window >= max(Sq, Sk):
+        window = None  # a window as long as the sequences hides no key
     decision = DISPATCH.choose(q.device, q=q, k=k, v=v, attn_bias=attn_bias)
     seed = reference.make_seed(q.device) if dropout_p > 0.0 else None
     if decision.backend == "torch" or q.numel() == 0 or k.numel() == 0 or B == 0:
         return reference.attention(q, k, v, attention_mask=attention_mask, attn_bias=attn_bias,
                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen if packed else None,
-                                   causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+                                   causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, window=window)
     # kernels read any strides but need a unit stride along D
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    args = (q, k, v, attention_mask, attn_bias, cu_seqlens, int(max_seqlen), causal, scale, dropout_p, seed)
+    args = (q, k, v, attention_mask, attn_bias, cu_seqlens, int(max_seqlen), causal, scale, dropout_p, seed,
+            -1 if window is None else window)
     if C.needs_grad(q, k, v):
         if decision.backend in C.CPP_AUTOGRAD:
             return torch.ops.fastbert.attention(*args)  # C++ graph node (csrc/autograd.cpp)

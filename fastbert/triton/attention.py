@@ -6,7 +6,11 @@ Kernels first (`_attention_fwd_kernel`, `_attention_bwd_preprocess_kernel`,
 csrc/ops.cpp (the front end, fastbert/ops/attention.py, registers them as fastbert::triton_attention_*).
 
 Math (one (batch, head) pair; rows i are queries, columns j keys; c = scale):
-  s_ij = c * q_i . k_j + bias_ij   (-inf where key j is masked: padding, causal j > i, j >= Sk)
+  s_ij = c * q_i . k_j + bias_ij   (-inf where key j is masked: padding, causal j > i + Sk - Sq, j >= Sk,
+                                   outside the window |i + Sk - Sq - j| > w)
+Queries are the last Sq of Sk positions (bottom-right aligned; Sq = Sk when packed). Causal and the
+window bound the key blocks a query tile visits (and the query blocks a key tile visits in dK/dV):
+blocks outside the band are skipped, not masked.
   P_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
   Z_ij = keep_ij / (1 - p)   (dropout; Z = 1 when p = 0)
   o_i  = sum_j Z_ij P_ij v_j
@@ -133,11 +137,60 @@ def _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_thresh
 
 
 @triton.jit
+def _in_window(offs_n, pos_m, window, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: key j visible to the query at key position p under the window, and under
+    causal too when CAUSAL: p - w <= j <= p + w (causal: p - w <= j <= p), as one unsigned compare of
+    j - p + w against 2w (causal: w), so the band costs what the causal select alone costs."""
+    rel = (offs_n[None, :] - pos_m[:, None] + window).to(tl.uint32)
+    if CAUSAL:
+        return rel <= tl.cast(window, tl.uint32)
+    else:
+        return rel <= tl.cast(2 * window, tl.uint32)
+
+
+@triton.jit
+def _band_keys(lo, hi, start_m, q_shift, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Narrow the key range [lo, hi) to the band of query rows [start_m, start_m + BLOCK_M) (key
+    positions start_m + q_shift ...): key blocks outside it are skipped. lo stays a multiple of BLOCK_N
+    and hi >= lo."""
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + q_shift + BLOCK_M)
+    if WINDOW:
+        if not CAUSAL:
+            hi = tl.minimum(hi, start_m + q_shift + BLOCK_M + window)
+        first = tl.maximum(start_m + q_shift - window, 0)
+        lo = tl.maximum(lo, (first // BLOCK_N) * BLOCK_N)
+    if CAUSAL or WINDOW:
+        hi = tl.maximum(hi, lo)
+    return lo, hi
+
+
+@triton.jit
+def _band_queries(len_q, start_n, q_shift, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi) covering the query rows that can see a key of block [start_n, start_n + BLOCK_N) (row i
+    is key position i + q_shift); lo a multiple of BLOCK_M, lo <= hi <= len_q."""
+    lo = 0
+    hi = len_q
+    if CAUSAL:
+        lo = tl.maximum(start_n - q_shift, 0)
+    if WINDOW:
+        if not CAUSAL:
+            lo = tl.maximum(start_n - q_shift - window, 0)
+        hi = tl.minimum(hi, start_n + BLOCK_N - q_shift + window)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    if WINDOW:
+        hi = tl.maximum(hi, lo)
+    return lo, hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
-               lo, hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
+               lo, hi, offs_m, pos_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale, window,
                BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
-               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). MASK_KEYS=False is the fast path for blocks
     that end before the sequence does: unmasked loads, no bounds select (padding keys and causal
     still get their per-element select)."""
@@ -167,8 +220,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_
             s = tl.where(key_ok[None, :], s, float("-inf"))
         elif MASK_KEYS:
             s = tl.where(n_ok[None, :], s, float("-inf"))
-        if CAUSAL:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        if WINDOW:  # the window and causal in one select
+            s = tl.where(_in_window(offs_n, pos_m, window, CAUSAL), s, float("-inf"))
+        elif CAUSAL:
+            s = tl.where(offs_n[None, :] <= pos_m[:, None], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -204,6 +259,7 @@ def _attention_fwd_kernel(
     sm_scale,                   # softmax scale (1/sqrt(D) by default)
     drop_threshold,             # floor(p * 2^31): 31-bit randoms below it are dropped
     drop_scale,                 # 1 / (1 - p)
+    window,                     # sliding window w >= 0: key j visible iff |i + Sk - Sq - j| <= w (WINDOW)
     seq_bucket,                 # max(Sq, Sk) rounded up to a power of two: the shape class (configs.py)
     HEAD_D: tl.constexpr,       # head dim D
     BLOCK_D: tl.constexpr,      # D rounded up to a power of two >= 16 (masked)
@@ -211,6 +267,7 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,      # keys per inner step
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr,       # a sliding window bounds the visible keys (key blocks outside it skipped)
 ):
     # 1-D grid, query blocks of one (b, h) adjacent so their K/V stay hot in L2
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
@@ -236,8 +293,11 @@ def _attention_fwd_kernel(
                 other=0.0)
 
     kv_lo, kv_hi = _key_range(Mask, b64, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
-    if CAUSAL:
-        kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
+    # queries are the last Sq of Sk positions (bottom-right aligned; 0 when packed): row i is key position
+    # i + q_shift, and causal / the window bound the key blocks this tile visits
+    q_shift = seqlen_k - seqlen_q
+    kv_lo, kv_hi = _band_keys(kv_lo, kv_hi, start_m, q_shift, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    pos_m = offs_m + q_shift
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -251,13 +311,15 @@ def _attention_fwd_kernel(
     full_hi = kv_lo + ((kv_hi - kv_lo) // BLOCK_N) * BLOCK_N
     mask_row = Mask + b64 * stride_mb
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
-                               kv_lo, full_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold,
-                               drop_scale, BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
+                               kv_lo, full_hi, offs_m, pos_m, offs_d, d_ok, len_q, len_k, seqlen_q,
+                               seqlen_k, stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale,
+                               drop_threshold, drop_scale, window, BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK,
+                               HAS_BIAS, CAUSAL, DROPOUT, WINDOW)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_row, bias_base, seed, off_bh,
-                               full_hi, kv_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                               stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold,
-                               drop_scale, BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
+                               full_hi, kv_hi, offs_m, pos_m, offs_d, d_ok, len_q, len_k, seqlen_q,
+                               seqlen_k, stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale,
+                               drop_threshold, drop_scale, window, BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK,
+                               HAS_BIAS, CAUSAL, DROPOUT, WINDOW)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -296,10 +358,10 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
-                lo, hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
+                lo, hi, offs_n, kpos, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale, window,
                 BLOCK_M: tl.constexpr, MASK_Q: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr):
     """dK/dV contributions of query blocks [lo, hi) to one key block. No per-element select is needed
     for bounds or padding: a row past the end loads q = dO = 0 and lse = +inf (P = 0), and a padding
     or out-of-range key only touches its own dK/dV row, which the caller zeroes or never stores.
@@ -330,8 +392,11 @@ def _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed
         if HAS_BIAS:
             s += _load_bias(bias_base, offs_m, offs_n, stride_bm, stride_bn, len_q, len_k)
         p = tl.math.exp2(tl.minimum((s - lse[:, None]) * LOG2E, 0.0))
-        if CAUSAL:
-            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        # kpos = offs_n - q_shift: the keys' positions in query rows
+        if WINDOW:  # the window and causal in one select
+            p = tl.where(_in_window(kpos, offs_m, window, CAUSAL), p, 0.0)
+        elif CAUSAL:
+            p = tl.where(kpos[None, :] <= offs_m[:, None], p, 0.0)
         dp = tl.dot(do, vT, input_precision="ieee")
         if DROPOUT:
             z = _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
@@ -362,12 +427,13 @@ def _attention_bwd_dkdv_kernel(
     H, seqlen_q, seqlen_k,
     sm_scale,                   # softmax scale (dK = scale * dS^T q)
     drop_threshold, drop_scale,
+    window,                     # sliding window (WINDOW; see the forward kernel)
     seq_bucket,                 # the shape class (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per inner step
     BLOCK_N: tl.constexpr,      # keys per program
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
 ):
     # one program per key block; tiles are held transposed ([keys, queries]) so that dV and dK come
     # out of the dots directly as [BLOCK_N, D]
@@ -403,24 +469,24 @@ def _attention_bwd_dkdv_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
-    m_lo = 0
-    if CAUSAL:  # queries before this key block see none of its keys
-        m_lo = (start_n // BLOCK_M) * BLOCK_M
-    m_hi = len_q
+    # causal: queries before this key block see none of its keys; window: nor do those farther than w
+    q_shift = seqlen_k - seqlen_q
+    m_lo, m_hi = _band_queries(len_q, start_n, q_shift, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    kpos = offs_n - q_shift
     if HAS_MASK:  # a block of padding keys only: nothing to accumulate, dK = dV = 0
-        m_hi = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, len_q, m_lo)
+        m_hi = tl.where(tl.max(key_ok.to(tl.int32), axis=0) > 0, m_hi, m_lo)
     full_hi = m_lo + ((m_hi - m_lo) // BLOCK_M) * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
-                         m_lo, full_hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                         stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
-                         BLOCK_M, False, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT)
+                         m_lo, full_hi, offs_n, kpos, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                         stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale, window,
+                         BLOCK_M, False, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT, WINDOW)
     dk, dv = _dkdv_inner(dk, dv, kT, vT, q_base, do_base, l_base, d_base, bias_base, seed, off_bh,
-                         full_hi, m_hi, offs_n, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                         stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
-                         BLOCK_M, True, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT)
+                         full_hi, m_hi, offs_n, kpos, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                         stride_qs, stride_dos, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale, window,
+                         BLOCK_M, True, BLOCK_D == HEAD_D, HAS_BIAS, CAUSAL, DROPOUT, WINDOW)
     if HAS_MASK:  # padding keys have probability 0 everywhere: exactly zero gradients
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
@@ -434,10 +500,10 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
-              lo, hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-              stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
+              lo, hi, offs_m, pos_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+              stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale, window,
               BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
-              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr):
+              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr):
     """dQ contributions of key blocks [lo, hi). A key past the end loads k = v = 0 and so adds
     nothing; padding keys (real k, v) and causal need their per-element select."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -462,8 +528,10 @@ def _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off
         if HAS_MASK:
             key_ok = tl.load(mask_row + offs_n * stride_mn, mask=n_ok, other=0) != 0
             p = tl.where(key_ok[None, :], p, 0.0)
-        if CAUSAL:
-            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        if WINDOW:  # the window and causal in one select
+            p = tl.where(_in_window(offs_n, pos_m, window, CAUSAL), p, 0.0)
+        elif CAUSAL:
+            p = tl.where(offs_n[None, :] <= pos_m[:, None], p, 0.0)
         dp = tl.dot(do, vT, input_precision="ieee")
         if DROPOUT:
             dp = dp * _dropout_scale(seed, off_bh, offs_m, offs_n, seqlen_q, seqlen_k, drop_threshold, drop_scale)
@@ -488,12 +556,13 @@ def _attention_bwd_dq_kernel(
     H, seqlen_q, seqlen_k,
     sm_scale,
     drop_threshold, drop_scale,
+    window,                     # sliding window (WINDOW; see the forward kernel)
     seq_bucket,                 # the shape class (see the forward kernel)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per program
     BLOCK_N: tl.constexpr,      # keys per inner step
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
 ):
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
@@ -521,8 +590,9 @@ def _attention_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + seq_start * stride_ks + h * stride_kh
     v_base = V + b64 * stride_vb + seq_start * stride_vs + h * stride_vh
     kv_lo, kv_hi = _key_range(Mask, b64, stride_mb, stride_mn, len_k, BLOCK_N, HAS_MASK)
-    if CAUSAL:
-        kv_hi = tl.minimum(kv_hi, start_m + BLOCK_M)
+    q_shift = seqlen_k - seqlen_q  # see the forward kernel
+    kv_lo, kv_hi = _band_keys(kv_lo, kv_hi, start_m, q_shift, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    pos_m = offs_m + q_shift
     bias_base = Bias + b64 * stride_bb + h * stride_bh
     seed = 0
     if DROPOUT:
@@ -532,13 +602,13 @@ def _attention_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
-                   kv_lo, full_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
-                   BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
+                   kv_lo, full_hi, offs_m, pos_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale, window,
+                   BLOCK_N, False, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT, WINDOW)
     dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, mask_row, bias_base, seed, off_bh,
-                   full_hi, kv_hi, offs_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
-                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale,
-                   BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT)
+                   full_hi, kv_hi, offs_m, pos_m, offs_d, d_ok, len_q, len_k, seqlen_q, seqlen_k,
+                   stride_ks, stride_vs, stride_mn, stride_bm, stride_bn, sm_scale, drop_threshold, drop_scale, window,
+                   BLOCK_N, True, BLOCK_D == HEAD_D, HAS_MASK, HAS_BIAS, CAUSAL, DROPOUT, WINDOW)
 
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
@@ -548,7 +618,7 @@ def _attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch configs: fastbert/triton/configs.py's table by default, its candidates under FASTBERT_AUTOTUNE=1
 # ----------------------------------------------------------------------------------------------
-_FLAGS = ["HEAD_D", "PACKED", "HAS_MASK", "HAS_BIAS", "CAUSAL", "DROPOUT"]
+_FLAGS = ["HEAD_D", "PACKED", "HAS_MASK", "HAS_BIAS", "CAUSAL", "DROPOUT", "WINDOW"]
 _JIT = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel, "dq": _attention_bwd_dq_kernel}
 # keyed on the sequence length bucket, not the length: a varlen workload whose max_seqlen changes every
 # batch would otherwise re-tune every batch (tensor dtypes are keyed implicitly); results kept on disk
@@ -584,7 +654,8 @@ def _strides3(t: torch.Tensor, packed: bool):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
+def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed,
+                 window=-1):
     """Everything the kernels take besides the tensors' own pointers and strides."""
     packed = cu_seqlens is not None
     if packed:
@@ -611,10 +682,13 @@ def _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, caus
         sm_scale=float(scale),
         drop_threshold=_runtime.dropout_threshold(dropout_p) if dropout else 0,
         drop_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
+        # a window at least as long as the sequences hides nothing: run the unwindowed kernels (also
+        # keeps position + window in int32)
+        window=int(window) if 0 <= window < max(Sq, Sk) else 0,
         seq_bucket=seq_bucket(Sq, Sk),
         flags=dict(HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PACKED=packed,
                    HAS_MASK=key_padding_mask is not None, HAS_BIAS=attn_bias is not None,
-                   CAUSAL=bool(causal), DROPOUT=dropout),
+                   CAUSAL=bool(causal), DROPOUT=dropout, WINDOW=0 <= window < max(Sq, Sk)),
     )
 
 
@@ -629,10 +703,11 @@ def _lse_layout(a, device):
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                   attn_bias: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
-                  causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                  causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor], window: int = -1
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out contiguous in q's layout, lse fp32). Arguments as checked by fastbert.ops.attention."""
-    a = _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed)
+    a = _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed,
+                     window)
     packed = a["packed"]
     out = new_empty(q.shape, dtype=q.dtype, device=q.device)
     lse, slb, slh = _lse_layout(a, q.device)
@@ -643,7 +718,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
         q, k, v, out, lse, a["mask"], a["bias"], a["cu"], a["seed"],
         *_strides3(q, packed), *_strides3(k, packed), *_strides3(v, packed), *_strides3(out, packed),
         slb, slh, *a["mstr"], *a["bstr"],
-        a["H"], a["Sq"], a["Sk"], a["sm_scale"], a["drop_threshold"], a["drop_scale"], a["seq_bucket"],
+        a["H"], a["Sq"], a["Sk"], a["sm_scale"], a["drop_threshold"], a["drop_scale"], a["window"], a["seq_bucket"],
     ), a, q.device, q.dtype)
     return out, lse
 
@@ -651,9 +726,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor],
                   cu_seqlens: Optional[torch.Tensor], max_seqlen: int, causal: bool, scale: float,
-                  dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  dropout_p: float, seed: Optional[torch.Tensor], window: int = -1
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_q, grad_k, grad_v), each contiguous in its input's layout. grad_out: out's layout."""
-    a = _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed)
+    a = _common_args(q, k, key_padding_mask, attn_bias, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed,
+                     window)
     packed = a["packed"]
     dq = new_empty(q.shape, dtype=q.dtype, device=q.device)
     dk = new_empty(k.shape, dtype=k.dtype, device=k.device)
@@ -673,7 +750,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         HEAD_D=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_block,
     )
     common = (*a["mstr"], *a["bstr"], H, a["Sq"], a["Sk"], a["sm_scale"],
-              a["drop_threshold"], a["drop_scale"], a["seq_bucket"])
+              a["drop_threshold"], a["drop_scale"], a["window"], a["seq_bucket"])
     grid_kv = lambda META: (triton.cdiv(a["Sk"], META["BLOCK_N"]) * a["B"] * H,)  # noqa: E731
     _launch("dkdv", grid_kv, (
         q, k, v, grad_out, lse, delta, dk, dv, a["mask"], a["bias"], a["cu"], a["seed"],

@@ -370,6 +370,133 @@ def test_float64_runs_on_torch():
 
 
 # ----------------------------------------------------------------------------------------------
+# sliding window (ModernBERT's local layers) and causal with a key/value prefix (Sq <= Sk)
+# ----------------------------------------------------------------------------------------------
+def _window_cases():
+    """(backend, mode, dtype, D, S, window): the full grid on the cpu backend, a few on Triton (the
+    interpreter is slow), everything on the GPU."""
+    cases = []
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    n = 0
+    # a window >= S hides nothing (it runs the unwindowed path): S = 7 gets window 2 instead of 8 and 64
+    windows = {1: (0,), 7: (0, 2), 129: (0, 8, 64), 200: (8, 64)}
+    for mode in ("none", "padding", "varlen", "causal", "causal_padding"):
+        for S in (1, 7, 129, 200):
+            for window in windows[S]:
+                if S == 200 and mode in ("none", "causal"):
+                    continue
+                dtype = dtypes[n % 3]
+                D = 64 if S == 200 else (16, 64)[(n // 3) % 2]
+                n += 1
+                cases.append(("cpu", "cpu", mode, dtype, D, S, window))
+    cases += [("triton", "cpu", m, dt, D, S, w) for m, dt, D, S, w in (
+        ("padding", torch.float32, 16, 129, 8), ("varlen", torch.float16, 64, 40, 8),
+        ("causal_padding", torch.float32, 16, 40, 8), ("none", torch.float32, 16, 7, 0))]
+    for backend in ("triton", "cuda"):
+        for mode, dtype, S, window in itertools.product(("padding", "varlen", "causal", "causal_padding"), dtypes,
+                                                        (1, 7, 129, 200), (0, 8, 64)):
+            cases.append((backend, "cuda", mode, dtype, 64, S, window))
+    params = []
+    for backend, device, mode, dtype, D, S, window in cases:
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        params.append(pytest.param(backend, device, mode, dtype, D, S, window, marks=marks,
+                                   id=f"{backend}-{device}-{mode}-{str(dtype)[6:]}-d{D}-s{S}-w{window}"))
+    return params
+
+
+@pytest.mark.parametrize("backend,device,mode,dtype,D,S,window", _window_cases())
+def test_window(backend, device, mode, dtype, D, S, window):
+    _require(backend, device)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter (a gap of the interpreter)")
+    B = 3 if mode in ("padding", "varlen", "causal_padding") else 2
+    H = 3 if device == "cuda" else (1 if S >= 129 or backend == "triton" else 2)
+    q, k, v, kw = _build(mode, B, H, S, D, dtype, device)
+    _check(backend, q, k, v, dict(kw, window=window))
+    assert backends.last_decisions()["attention"].backend == backend
+
+
+def _prefix_cases():
+    params = []
+    for backend in BACKENDS:
+        for Sq, window, mode, dtype in ((1, None, "causal", torch.float32), (5, None, "causal_padding", torch.float16),
+                                        (12, None, "causal_padding", torch.float32), (5, 3, "causal", torch.float32),
+                                        (1, 2, "causal_padding", torch.float16), (5, 4, "padding", torch.float32)):
+            if backend == "triton" and (Sq, window) in ((12, None), (5, None), (1, 2)):
+                continue  # the interpreter is slow: Sq == Sk is test_forward_backward's, the rest a subset
+            for d in DEVICES:
+                device = d.values[0]
+                if backend == "cuda" and device == "cpu":
+                    continue
+                params.append(pytest.param(backend, device, Sq, window, mode, dtype, marks=d.marks,
+                                           id=f"{backend}-{device}-sq{Sq}-w{window}-{mode}-{str(dtype)[6:]}"))
+    return params
+
+
+@pytest.mark.parametrize("backend,device,Sq,window,mode,dtype", _prefix_cases())
+def test_causal_with_key_prefix(backend, device, Sq, window, mode, dtype):
+    # GPT-2 decoding with a cache: the Sq queries are the last of Sk = 12 positions (bottom-right aligned)
+    _require(backend, device)
+    Sk, D = 12, (16 if dtype == torch.float32 else 64)
+    q, k, v, kw = _build(mode, 3, 2, Sq, D, dtype, device, Sk=Sk)
+    _check(backend, q, k, v, dict(kw, window=window))
+    assert backends.last_decisions()["attention"].backend == backend
+
+
+def test_causal_prefix_matches_the_last_rows_of_full_attention():
+    # the definition, independently of the reference's own index arithmetic: causal attention of the
+    # last Sq queries against Sk keys equals the last Sq rows of full-length causal attention
+    q, k, v = (_rand((2, 12, 2, 16), torch.float64, "cpu") for _ in range(3))
+    for window in (None, 3):
+        full = reference.attention(q, k, v, causal=True, window=window)
+        for Sq in (1, 5, 12):
+            part = reference.attention(q[:, -Sq:], k, v, causal=True, window=window)
+            torch.testing.assert_close(part, full[:, -Sq:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("mode", ["padding", "varlen"])
+def test_dropout_with_window(backend, device, mode):
+    # the same Philox stream as the reference inside the band, forward and backward (regenerated)
+    if backend == "triton" and device == "cpu" and mode == "varlen":
+        pytest.skip("the interpreter is slow: padded (causal) only")
+    _require(backend, device)
+    q, k, v, kw = _build(mode, 3, 1 if backend == "triton" else 2, 37, 16, torch.float32, device)
+    _check(backend, q, k, v, dict(kw, window=5, causal=mode == "padding"), dropout_p=0.3, seed_value=1234)
+
+
+@pytest.mark.parametrize("backend,device", _backend_device())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_window_rows_that_see_no_key_are_zero(backend, device, dtype):
+    # keys 0..2 are real, the window is 1: queries 4.. see no key, give 0 and zero gradients
+    if backend == "triton" and device == "cpu" and dtype == torch.float16:
+        pytest.skip("the interpreter is slow: fp32 only")
+    _require(backend, device)
+    B, S, H, D = 2, 40, 2, 16
+    q, k, v = (_rand((B, S, H, D), dtype, device).requires_grad_() for _ in range(3))
+    mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    mask[:, :3] = True
+    with fastbert.use_backend(backend):
+        out = attention(q, k, v, attention_mask=mask, window=1)
+    assert torch.equal(out[:, 4:], torch.zeros_like(out[:, 4:]))
+    ref = reference.attention(q.double(), k.double(), v.double(), attention_mask=mask, window=1)
+    assert_no_worse(f"{backend} window rows", out[:, :4], reference.attention(q, k, v, attention_mask=mask,
+                                                                               window=1)[:, :4], ref[:, :4])
+    out.backward(_rand(out.shape, dtype, device))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, 4:], torch.zeros_like(q.grad[:, 4:]))
+    assert torch.equal(k.grad[:, 3:], torch.zeros_like(k.grad[:, 3:]))
+
+
+def test_window_as_long_as_the_sequence_is_no_window():
+    q, k, v, kw = _build("padding", 3, 2, 9, 16, torch.float32, "cpu")
+    want = attention(q, k, v, **kw)
+    for window in (9, 10, 2**40):
+        torch.testing.assert_close(attention(q, k, v, window=window, **kw), want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------------
 def _bad_cases():
@@ -396,8 +523,12 @@ def _bad_cases():
         ("bias shape", ValueError, "attn_bias", dict(q=q, k=q, v=q, attn_bias=torch.randn(2, 2, 5, 4))),
         ("bias rank", ValueError, "attn_bias", dict(q=q, k=q, v=q, attn_bias=torch.randn(1, 2, 2, 5, 5))),
         ("bias dtype", TypeError, "attn_bias", dict(q=q, k=q, v=q, attn_bias=torch.ones(5, dtype=torch.long))),
-        ("causal lens", ValueError, "causal", dict(q=q, k=torch.randn(2, 6, 2, 16), v=torch.randn(2, 6, 2, 16),
+        ("causal lens", ValueError, "causal", dict(q=q, k=torch.randn(2, 4, 2, 16), v=torch.randn(2, 4, 2, 16),
                                                    causal=True)),
+        ("window neg", ValueError, "window", dict(q=q, k=q, v=q, window=-1)),
+        ("window float", TypeError, "window", dict(q=q, k=q, v=q, window=2.0)),
+        ("window bool", TypeError, "window", dict(q=q, k=q, v=q, window=True)),
+        ("window packed neg", ValueError, "window", dict(q=p, k=p, v=p, cu_seqlens=cu, window=-3)),
         ("causal type", TypeError, "causal", dict(q=q, k=q, v=q, causal=1)),
         ("dropout", ValueError, "dropout_p", dict(q=q, k=q, v=q, dropout_p=1.0)),
         ("dropout neg", ValueError, "dropout_p", dict(q=q, k=q, v=q, dropout_p=-0.1)),
@@ -430,28 +561,37 @@ def test_bad_inputs_name_the_argument(name, exc, match, args):
 # ----------------------------------------------------------------------------------------------
 # torch.library: opcheck, torch.compile
 # ----------------------------------------------------------------------------------------------
-def _op_args(device, packed, dropout):
+def _op_args(device, packed, dropout, window=-1):
     H, D = 2, 16
     seed = reference.make_seed(device) if dropout else None
     if packed:
         lens = [3, 9]
         q, k, v = (_rand((sum(lens), H, D), torch.float32, device) for _ in range(3))
         cu = torch.tensor([0, 3, 12], dtype=torch.int32, device=device)
-        return (q, k, v, None, None, cu, 9, False, 0.25, 0.2 if dropout else 0.0, seed)
+        return (q, k, v, None, None, cu, 9, False, 0.25, 0.2 if dropout else 0.0, seed, window)
+    if window >= 0:  # causal with a key prefix (Sq 5 of Sk 9), padding, the window
+        q = _rand((2, 5, H, D), torch.float32, device)
+        k, v = (_rand((2, 9, H, D), torch.float32, device) for _ in range(2))
+        mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+        mask[1, 6:] = False
+        return (q, k, v, mask, None, None, 9, True, 0.25, 0.2 if dropout else 0.0, seed, window)
     B, S = 2, 9
     qkv = _rand((B, S, 3, H, D), torch.float32, device)
     q, k, v = qkv.unbind(2)
     mask = torch.ones(B, S, dtype=torch.bool, device=device)
     mask[1, 4:] = False
     bias = _rand((1, H, S, S), torch.float32, device).expand(B, H, S, S)
-    return (q, k, v, mask, bias, None, S, True, 0.25, 0.2 if dropout else 0.0, seed)
+    return (q, k, v, mask, bias, None, S, True, 0.25, 0.2 if dropout else 0.0, seed, window)
 
 
 @pytest.mark.parametrize("backend,device", _backend_device())
-@pytest.mark.parametrize("packed,dropout", [(False, False), (True, True)])
-def test_opcheck(backend, device, packed, dropout):
+@pytest.mark.parametrize("packed,dropout,window", [(False, False, -1), (True, True, -1), (True, True, 2),
+                                                   (False, True, 3)])
+def test_opcheck(backend, device, packed, dropout, window):
+    if backend == "triton" and device == "cpu" and (packed, window) == (False, 3):
+        pytest.skip("the interpreter is slow: one window case (packed)")
     _require(backend, device)
-    args = _op_args(device, packed, dropout)
+    args = _op_args(device, packed, dropout, window)
     prefix = "triton_" if backend == "triton" else ""
     fwd = getattr(torch.ops.fastbert, prefix + "attention_fwd")
     bwd = getattr(torch.ops.fastbert, prefix + "attention_bwd")

@@ -241,19 +241,19 @@ def _attn_inputs(B, Sq, Sk, H, D, dtype, strided=False):
 
 
 def _attn_check(q, k, v, dtype, *, mask=None, bias=None, cu=None, max_seqlen=0, causal=False, p=0.0, seed=7,
-                valid_rows=None):
+                valid_rows=None, window=-1):
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D)
     s = torch.tensor([seed], dtype=torch.int64)
-    out, lse = OPS.attention_fwd(q, k, v, mask, bias, cu, max_seqlen, causal, scale, p, s if p > 0 else None)
+    out, lse = OPS.attention_fwd(q, k, v, mask, bias, cu, max_seqlen, causal, scale, p, s if p > 0 else None, window)
     grad = torch.randn(out.shape)
     gq, gk, gv = OPS.attention_bwd(grad.to(dtype), q, k, v, out, lse, mask, bias, cu, max_seqlen, causal, scale, p,
-                                   s if p > 0 else None)
+                                   s if p > 0 else None, window)
 
     def fn(q, k, v):
         return reference.attention(q, k, v, attention_mask=mask, attn_bias=None if bias is None else bias,
                                    cu_seqlens=cu, max_seqlen=max_seqlen if cu is not None else None, causal=causal,
-                                   scale=scale, dropout_p=p, seed=seed)
+                                   scale=scale, dropout_p=p, seed=seed, window=None if window < 0 else window)
 
     o64, g64 = _ref_run(fn, [q, k, v], torch.float64, grad)
     od, gd = _ref_run(fn, [q, k, v], dtype, grad)
@@ -292,6 +292,48 @@ def test_attention_long_keys(dtype):
     mask = torch.ones(B, S, dtype=torch.bool)
     mask[0, 650:] = False
     _attn_check(q, k, v, dtype, mask=mask, causal=True)
+
+
+@pytest.mark.parametrize("dtype,causal,window,p", [(torch.float32, False, 64, 0.0), (torch.bfloat16, True, 8, 0.0),
+                                                   (torch.float32, False, 0, 0.0)], ids=str)
+def test_attention_window_long_keys(dtype, causal, window, p):
+    # > 512 keys: several key tiles in the forward, query blocks of < 64 rows in the backward; the band
+    # starts inside the gathered keys (kbeg > 0, rounded down to the GEMM column step) and padding is gathered
+    B, H, S, D = 1, 1, 600, 16
+    q, k, v = _attn_inputs(B, S, S, H, D, dtype)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, 560:] = False
+    mask[0, 100:117] = False
+    _attn_check(q, k, v, dtype, mask=mask, causal=causal, window=window, p=p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Sq,window", [(1, -1), (5, -1), (5, 3), (12, 4), (1, 0)])
+def test_attention_causal_key_prefix(dtype, Sq, window):
+    # queries are the last Sq of Sk = 12 positions (a KV cache); with padding of the prefix
+    B, H, Sk, D = 2, 2, 12, 32
+    q, k, v = _attn_inputs(B, Sq, Sk, H, D, dtype)
+    mask = torch.ones(B, Sk, dtype=torch.bool)
+    mask[1, :3] = False
+    _attn_check(q, k, v, dtype, mask=mask, causal=True, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_packed_window(dtype):
+    H, D = 2, 32
+    cu = torch.tensor([0, 1, 1, 8, 45], dtype=torch.int32)  # lengths 1, 0, 7, 37
+    q, k, v = (torch.randn(45, H, D).to(dtype) for _ in range(3))
+    _attn_check(q, k, v, dtype, cu=cu, max_seqlen=37, window=5)
+    _attn_check(q, k, v, dtype, cu=cu, max_seqlen=37, window=5, causal=True, p=0.2)
+
+
+def test_attention_window_and_causal_checks():
+    q = torch.randn(1, 5, 1, 16)
+    k = torch.randn(1, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="window"):
+        OPS.attention_fwd(q, q, q, None, None, None, 0, False, 0.25, 0.0, None, -2)
+    with pytest.raises(RuntimeError, match="causal needs Sq <= Sk"):
+        OPS.attention_fwd(q, k, k, None, None, None, 0, True, 0.25, 0.0, None, -1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -580,17 +622,17 @@ def test_attention_autograd_op_is_the_kernels(packed):
     s = torch.tensor([9])
     if packed:
         qkv = torch.randn(9, 3, 2, 16)
-        cu, mask, ab, ms, causal, p = torch.tensor([0, 4, 9], dtype=torch.int32), None, None, 5, False, 0.0
+        cu, mask, ab, ms, causal, p, w = torch.tensor([0, 4, 9], dtype=torch.int32), None, None, 5, False, 0.0, 2
     else:
         qkv = torch.randn(2, 7, 3, 2, 16)
-        cu, mask, ab, ms, causal, p = None, torch.rand(2, 7) > 0.3, torch.randn(2, 1, 7, 7), 0, True, 0.2
+        cu, mask, ab, ms, causal, p, w = None, torch.rand(2, 7) > 0.3, torch.randn(2, 1, 7, 7), 0, True, 0.2, -1
     q, k, v = qkv.unbind(-3)
     g = torch.randn_like(q)
-    out_k, lse = OPS.attention_fwd(q, k, v, mask, ab, cu, ms, causal, 0.25, p, s)
-    want = OPS.attention_bwd(g, q, k, v, out_k, lse, mask, ab, cu, ms, causal, 0.25, p, s)
+    out_k, lse = OPS.attention_fwd(q, k, v, mask, ab, cu, ms, causal, 0.25, p, s, w)
+    want = OPS.attention_bwd(g, q, k, v, out_k, lse, mask, ab, cu, ms, causal, 0.25, p, s, w)
     leaf = _req(qkv)
     ql, kl, vl = leaf.unbind(-3)
-    out = OPS.attention(ql, kl, vl, mask, ab, cu, ms, causal, 0.25, p, s)
+    out = OPS.attention(ql, kl, vl, mask, ab, cu, ms, causal, 0.25, p, s, w)
     assert "CppFunction" in type(out.grad_fn).__name__
     (gqkv,) = torch.autograd.grad(out, [leaf], g)
     assert torch.equal(out.detach(), out_k)

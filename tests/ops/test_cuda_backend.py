@@ -679,7 +679,7 @@ _EMU_WRAP = textwrap.dedent("""
       return add_layer_norm_bwd((DType)dt, g, gin, x, res, xb, w, mean, rstd, gpre, gx, gw, gb, gxb, rows, n, p,
                                 seed, ws, sms, nullptr);
     }
-    // I: dtype, B, H, D, Sq, Sk, causal. S: strides q(3) k(3) v(3) out(3) kpm(2) bias(4) lse(2)
+    // I: dtype, B, H, D, Sq, Sk, causal, window (-1: none). S: strides q(3) k(3) v(3) out(3) kpm(2) bias(4) lse(2)
     static AttentionParams mk(const int* I, const long* S, const int* cu, const bool* kpm, const void* bias,
                               float scale, double p, const int64_t* seed) {
       AttentionParams a{};
@@ -688,6 +688,8 @@ _EMU_WRAP = textwrap.dedent("""
       a.kpm_stride_b = S[12]; a.kpm_stride_j = S[13]; a.bias = bias; a.bias_stride_b = S[14];
       a.bias_stride_h = S[15]; a.bias_stride_i = S[16]; a.bias_stride_j = S[17]; a.scale = scale;
       a.dropout_p = p; a.seed = seed; a.lse_stride_b = S[18]; a.lse_stride_h = S[19];
+      a.q_shift = cu ? 0 : I[5] - I[4]; a.windowed = I[7] >= 0; a.window = a.windowed ? I[7] : 0;
+      a.window2 = 2u * a.window;
       return a;
     }
     int w_attn(int bwd, const int* I, const long* S, const int* cu, const bool* kpm, const void* bias, float scale,
@@ -726,6 +728,7 @@ def _build_emulation(tmp_path):
         shutil.copy(os.path.join(src_dir, name), inc / name)
     common = open(os.path.join(src_dir, "common.cuh")).read()
     (inc / "common.cuh").write_text(common.replace("#include <cuda_runtime.h>", '#include "cuda/host_emulation.cuh"'))
+    # a launch may be split by clang-format between the kernel's name and <<<
     launch = re.compile(r"([A-Za-z_][\w:]*(?:<[^;<>]*(?:<[^;<>]*>[^;<>]*)*>)?)\s*<<<(.*?)>>>\(", re.S)
     units = []
     for name in ("bias_gelu", "add_layer_norm", "attention"):
@@ -822,14 +825,14 @@ def _emu_layer_norm(L, dt, rows, n, extras, p, with_pre=False):
         assert_no_worse(tag + " grad_x_bias", gxb, t[5], r64_[5], atol=ATOL[dt] * rows, dtype=dt)
 
 
-def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None):
+def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None, window=-1):
     import ctypes
     import itertools
     P = (lambda t: t.data_ptr() if t is not None else None)
     rnd = (lambda shape: torch.randn(shape, dtype=torch.float64).to(dt))
     Sk = S if Sk is None else Sk
     cu = mask = bias = None
-    causal = mode == "causal"
+    causal = mode in ("causal", "causal_padding")
     if mode == "varlen":
         lens = [S, max(1, S // 2), 0, 1][:B]
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
@@ -846,7 +849,7 @@ def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None):
         st = (lambda t: (t.stride(0), t.stride(1), t.stride(2)))
         lse = torch.full((B, H, S), float("nan"))
         lse_st = (H * S, S)
-        if mode in ("padding", "bias"):
+        if mode in ("padding", "bias", "causal_padding"):
             mask = torch.ones(B, Sk, dtype=torch.bool)
             if B > 1:
                 mask[1, (Sk + 1) // 2:] = False
@@ -859,7 +862,7 @@ def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None):
     out = torch.full(q.shape, float("nan"), dtype=dt)
     gq, gk, gv = (torch.full(t.shape, float("nan"), dtype=dt) for t in (q, k, v))
     code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dt]
-    ints = (ctypes.c_int * 7)(code, nb, H, D, sq, sk, int(causal))
+    ints = (ctypes.c_int * 8)(code, nb, H, D, sq, sk, int(causal), window)
     kpm_st = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     bias_st = tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
     strides = (ctypes.c_long * 23)(*(st(q) + st(k) + st(v) + st(out) + kpm_st + bias_st + lse_st + st(gk)))
@@ -873,13 +876,20 @@ def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None):
         qs, ks, vs = (t.detach().to(d).requires_grad_() for t in (q, k, v))
         o = reference.attention(qs, ks, vs, attention_mask=mask, attn_bias=bias, cu_seqlens=cu,
                                 max_seqlen=maxs if cu is not None else None, causal=causal, scale=scale, dropout_p=p,
-                                seed=seed)
+                                seed=seed, window=None if window < 0 else window)
         o.backward(g.to(d))
         return o.detach(), qs.grad, ks.grad, vs.grad
 
     t, r = ref(dt), ref(torch.float64)
     valid = mask.any(-1)[:, None, None, None].expand_as(q) if mask is not None else None
-    tag = f"emu attention[{mode}] B{B} H{H} S{S} Sk{Sk} D{D} {dt} p={p}"
+    if valid is not None and window >= 0:  # rows whose window holds only padding see no key either
+        shift = sk - sq
+        rows = torch.arange(sq)[:, None] + shift
+        band = (torch.arange(sk)[None, :] - rows).abs() <= window
+        if causal:
+            band &= torch.arange(sk)[None, :] <= rows
+        valid = (mask[:, None, :] & band[None]).any(-1)[:, :, None, None].expand_as(q)
+    tag = f"emu attention[{mode}] B{B} H{H} S{S} Sk{Sk} D{D} {dt} p={p} window={window}"
     assert_no_worse(tag + " out", out, t[0], r[0], valid=valid)
     if valid is not None:
         assert bool((out[~valid] == 0).all()), tag + ": rows with no key must be 0"
@@ -911,3 +921,27 @@ def test_kernels_under_host_emulation(tmp_path):
         _emu_attention(L, "padding", 2, 1, 70, 128, dt)        # DP = 128 tiles, two query tiles
         _emu_attention(L, "padding", 3, 2, 24, 64, dt, p=0.2)  # dropout
         _emu_attention(L, "varlen", 3, 1, 24, 32, dt, p=0.2)
+        _attention_window_cases(L, dt)
+
+
+def _attention_window_cases(L, dt):
+    """Sliding window and causal with a key prefix (Sq < Sk), with key/query tiles skipped outside the band."""
+    _emu_attention(L, "padding", 2, 1, 150, 32, dt, window=8)      # several query and key tiles, band inside
+    _emu_attention(L, "varlen", 3, 1, 90, 64, dt, window=20, p=0.2)
+    _emu_attention(L, "causal", 2, 1, 100, 32, dt, window=1)  # (window 0: P = 1, dQ = 0 up to delta rounding)
+    _emu_attention(L, "causal_padding", 3, 1, 5, 32, dt, Sk=70)      # decoding with a cache
+    _emu_attention(L, "causal_padding", 3, 1, 1, 32, dt, Sk=70, window=9)
+    _emu_attention(L, "padding", 3, 1, 7, 32, dt, Sk=70, window=30)  # non-causal, bottom-right aligned
+
+
+@pytest.mark.skipif(os.environ.get("FASTBERT_CUDA_EMULATION") != "1",
+                    reason="opt-in (FASTBERT_CUDA_EMULATION=1): runs the CUDA kernels' source under a slow host "
+                           "emulation")
+def test_attention_window_under_host_emulation(tmp_path):
+    # the window cases alone (test_kernels_under_host_emulation runs them too, with everything else)
+    if shutil.which("g++") is None or _cuda_include_dir() is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
+    L = _build_emulation(tmp_path)
+    torch.manual_seed(0)
+    for dt in DTYPES:
+        _attention_window_cases(L, dt)
