@@ -60,6 +60,35 @@ def check_same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others) -> Non
             raise TypeError(f"fastbert.ops.{op}: {name} has dtype {t.dtype}, expected {ref_name}'s dtype {ref.dtype}")
 
 
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int] = None) -> int:
+    """Validate packed-sequence offsets (int32 [B + 1]: 0 first, non-decreasing, `total` last) and return
+    max_seqlen: the given one (checked against the longest sequence) or the longest. Reading the values
+    is a host sync for CUDA tensors: a CUDA caller that gives max_seqlen is trusted and not read."""
+    check_tensor("cu_seqlens", cu_seqlens, op=op, ndim=(1,), dtypes=())
+    err = f"fastbert.ops.{op}: cu_seqlens must"
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{err} be torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{err} hold at least one value (0), got an empty tensor")
+    if max_seqlen is not None and cu_seqlens.device.type != "cpu":
+        return max_seqlen
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"{err} start at 0, got {bounds[0]}")
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{err} be non-decreasing, got {bounds}")
+    if bounds[-1] != total:
+        raise ValueError(f"{err} end at the number of packed tokens {total}, got {bounds[-1]}")
+    longest = max(lens, default=0)
+    if max_seqlen is None:
+        return longest
+    if max_seqlen < longest:
+        raise ValueError(f"fastbert.ops.{op}: max_seqlen {max_seqlen} is shorter than the longest sequence in "
+                         f"cu_seqlens ({longest})")
+    return max_seqlen
+
+
 def check_approximate(op: str, approximate) -> str:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"fastbert.ops.{op}: approximate must be 'none' (exact erf GELU) or 'tanh', "

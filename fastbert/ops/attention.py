@@ -152,34 +152,6 @@ def _err(msg: str) -> str:
     return f"fastbert.ops.{OP}: {msg}"
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int]) -> int:
-    """Validate cu_seqlens and return max_seqlen. Reading the values is a host sync (a device-to-host
-    copy for CUDA tensors): done at most once, and for CUDA tensors only when max_seqlen is not given
-    (then the grid needs it anyway). CPU tensors are always checked: there it costs nothing."""
-    C.check_tensor("cu_seqlens", cu_seqlens, op=OP, ndim=(1,), dtypes=())
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(_err(f"cu_seqlens must be torch.int32, got {cu_seqlens.dtype}"))
-    if cu_seqlens.numel() < 1:
-        raise ValueError(_err("cu_seqlens must hold at least one value (0), got an empty tensor"))
-    if max_seqlen is not None and cu_seqlens.device.type != "cpu":
-        return max_seqlen
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0:
-        raise ValueError(_err(f"cu_seqlens must start at 0, got {bounds[0]}"))
-    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if any(n < 0 for n in lens):
-        raise ValueError(_err(f"cu_seqlens must be non-decreasing, got {bounds}"))
-    if bounds[-1] != total:
-        raise ValueError(_err(f"cu_seqlens must end at the number of packed tokens {total}, got {bounds[-1]}"))
-    longest = max(lens, default=0)
-    if max_seqlen is None:
-        return longest
-    if max_seqlen < longest:
-        raise ValueError(_err(f"max_seqlen {max_seqlen} is shorter than the longest sequence in cu_seqlens "
-                              f"({longest})"))
-    return max_seqlen
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -263,7 +235,7 @@ def attention(
             raise TypeError(_err(f"max_seqlen must be an int, got {type(max_seqlen).__name__}"))
         if max_seqlen is not None and max_seqlen < 0:
             raise ValueError(_err(f"max_seqlen must be >= 0, got {max_seqlen}"))
-        max_seqlen = _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+        max_seqlen = C.check_cu_seqlens(OP, cu_seqlens, q.shape[0], max_seqlen)
         B, Sq, Sk = cu_seqlens.numel() - 1, max_seqlen, max_seqlen
     else:
         if max_seqlen is not None:

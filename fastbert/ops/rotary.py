@@ -87,25 +87,6 @@ class _RotaryFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------------------------
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> int:
-    """Validate cu_seqlens; return the longest sequence. Reads the values (a host sync for CUDA tensors,
-    as attention's packed path does): a position past the table would read out of bounds."""
-    C.check_tensor("cu_seqlens", cu_seqlens, op=OP, ndim=(1,), dtypes=())
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(_err(f"cu_seqlens must be torch.int32, got {cu_seqlens.dtype}"))
-    if cu_seqlens.numel() < 1:
-        raise ValueError(_err("cu_seqlens must hold at least one value (0), got an empty tensor"))
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0:
-        raise ValueError(_err(f"cu_seqlens must start at 0, got {bounds[0]}"))
-    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if any(n < 0 for n in lens):
-        raise ValueError(_err(f"cu_seqlens must be non-decreasing, got {bounds}"))
-    if bounds[-1] != total:
-        raise ValueError(_err(f"cu_seqlens must end at the number of packed tokens {total}, got {bounds[-1]}"))
-    return max(lens, default=0)
-
-
 def _check_position_ids(position_ids, bsz: int, seq: int, rows: int) -> torch.Tensor:
     """position_ids [1 or B, S] integers in [0, rows) -> int64 [B, S] contiguous (the kernels' form)."""
     if not isinstance(position_ids, torch.Tensor):
@@ -176,7 +157,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         if cos.dim() != 2:
             raise ValueError(_err(f"cos must be a [max_pos, {d}] table with cu_seqlens, got shape "
                                   f"{tuple(cos.shape)}"))
-        longest = _check_cu_seqlens(cu_seqlens, q.shape[0])
+        longest = C.check_cu_seqlens(OP, cu_seqlens, q.shape[0])  # a host sync: positions index the tables
         if longest > cos.shape[0]:
             raise ValueError(_err(f"cos has {cos.shape[0]} rows but cu_seqlens holds a sequence of {longest} "
                                   "tokens"))

@@ -903,10 +903,7 @@ def _emu_attention(L, mode, B, H, S, D, dt, p=0.0, Sk=None, window=-1):
                     reason="opt-in (FASTBERT_CUDA_EMULATION=1): runs the CUDA kernels' source under a slow host "
                            "emulation")
 def test_kernels_under_host_emulation(tmp_path):
-    if shutil.which("g++") is None or _cuda_include_dir() is None:
-        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
-    L = _build_emulation(tmp_path)
-    torch.manual_seed(0)
+    L = _emulation(tmp_path)
     for dt in DTYPES:
         for rows, n, off, approx in ((3, 24, 0, "none"), (2, 13, 0, "tanh"), (2, 16, 1, "none")):
             _emu_bias_gelu(L, dt, rows, n, off, approx)
@@ -924,6 +921,15 @@ def test_kernels_under_host_emulation(tmp_path):
         _attention_window_cases(L, dt)
 
 
+def _emulation(tmp_path):
+    """The emulated kernels' library (skips where g++ or the CUDA headers are missing), RNG seeded."""
+    if shutil.which("g++") is None or _cuda_include_dir() is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
+    L = _build_emulation(tmp_path)
+    torch.manual_seed(0)
+    return L
+
+
 def _attention_window_cases(L, dt):
     """Sliding window and causal with a key prefix (Sq < Sk), with key/query tiles skipped outside the band."""
     _emu_attention(L, "padding", 2, 1, 150, 32, dt, window=8)      # several query and key tiles, band inside
@@ -939,9 +945,6 @@ def _attention_window_cases(L, dt):
                            "emulation")
 def test_attention_window_under_host_emulation(tmp_path):
     # the window cases alone (test_kernels_under_host_emulation runs them too, with everything else)
-    if shutil.which("g++") is None or _cuda_include_dir() is None:
-        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
-    L = _build_emulation(tmp_path)
-    torch.manual_seed(0)
+    L = _emulation(tmp_path)
     for dt in DTYPES:
         _attention_window_cases(L, dt)
