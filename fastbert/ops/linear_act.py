@@ -11,7 +11,7 @@ result. Tests: tests/ops/test_linear_act.py.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -23,8 +23,18 @@ OP = "linear_act"
 LAYOUTS = ("nk", "kn")
 
 
+def _triton_check(x, activation, weight_layout, gated, dropout_p, **_) -> List[str]:
+    """triton: the plain form (any activation, either layout) is linear_gelu's GEMM kernel with the
+    activation in its epilogue; the gated form and dropout have no Triton kernel yet."""
+    why = C.dtype_check(x)
+    new = (["gated=True"] if gated else []) + (["dropout_p > 0"] if dropout_p > 0.0 else [])
+    if new:
+        why.append(", ".join(new) + ": no Triton linear_act kernel for the gated form or dropout yet")
+    return why
+
+
 def _no_kernel_check(x, activation, weight_layout, gated, dropout_p, **_) -> List[str]:
-    """triton, cuda: no linear_act kernel; linear_gelu's cases never reach this dispatcher."""
+    """cuda: no linear_act kernel; linear_gelu's cases never reach this dispatcher."""
     why = C.dtype_check(x)
     new = []
     if activation not in ("none", "tanh"):
@@ -47,7 +57,82 @@ def _key(x, activation, weight_layout, gated, dropout_p, **_):
 
 DISPATCH = backends.Dispatcher(
     OP, kernels={"cpu": ("linear_act_fwd", "linear_act_bwd")},
-    checks={"triton": _no_kernel_check, "cuda": _no_kernel_check, "cpu": C.dtype_check}, key=_key)
+    checks={"triton": _triton_check, "cuda": _no_kernel_check, "cpu": C.dtype_check}, key=_key)
+
+
+# the Triton plain form (linear_gelu's kernel, ACTIVATION 1-4; "kn": a transposed view, no copy)
+@torch.library.custom_op("fastbert::triton_linear_act_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                weight_kn: bool, save_pre: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    shape = (x.shape[0], weight.shape[1] if weight_kn else weight.shape[0])
+    out = C.empty_like(x, shape)
+    pre = C.empty_like(x, shape) if save_pre else x.new_empty((0,))
+    C.triton_module("linear_gelu").linear_act_fwd(x, weight, bias, activation, weight_kn, out,
+                                                  pre if save_pre else None)
+    return out, pre
+
+
+def _act_grad(h: torch.Tensor, act: str) -> torch.Tensor:
+    """act'(h) in fp32 (h fp32)."""
+    if act == "relu":
+        return (h > 0).to(h.dtype)
+    if act == "silu":
+        s = torch.sigmoid(h)
+        return s * (1 + h * (1 - s))
+    if act == "tanh":
+        c, a = 0.7978845608028654, 0.044715
+        t = torch.tanh(c * (h + a * h ** 3))
+        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * a * h * h)
+    return 0.5 * (1 + torch.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * torch.exp(-0.5 * h * h)
+
+
+@torch.library.custom_op("fastbert::triton_linear_act_bwd", mutates_args=())
+def _triton_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                pre: torch.Tensor, activation: str,
+                weight_kn: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # g = dy * act'(pre) in fp32, rounded once to x's dtype (what the GEMMs take)
+    g = (grad_out.float() * _act_grad(pre.float(), activation)).to(x.dtype)
+    w_nk = weight.t() if weight_kn else weight  # [N, K] view, no copy
+    if x.dtype == torch.float32:
+        tk = C.triton_module("linear_gelu")
+        grad_x = tk.matmul_ieee(g, w_nk, C.empty_like(x))
+        grad_w = (tk.matmul_ieee(x.t(), g, C.empty_like(weight)) if weight_kn
+                  else tk.matmul_ieee(g.t(), x, C.empty_like(weight)))
+    else:
+        grad_x = torch.matmul(g, w_nk)
+        grad_w = torch.matmul(x.t(), g) if weight_kn else torch.matmul(g.t(), x)
+    grad_b = g.float().sum(0).to(bias.dtype) if bias is not None else weight.new_empty((0,))
+    return grad_x, grad_w, grad_b
+
+
+@_triton_fwd.register_fake
+def _(x, weight, bias, activation, weight_kn, save_pre):
+    shape = (x.shape[0], weight.shape[1] if weight_kn else weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape if save_pre else (0,))
+
+
+@_triton_bwd.register_fake
+def _(grad_out, x, weight, bias, pre, activation, weight_kn):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            weight.new_empty((0,)) if bias is None else bias.new_empty(bias.shape))
+
+
+class _TritonLinearActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, weight_kn):
+        out, pre = torch.ops.fastbert.triton_linear_act_fwd(x, weight, bias, activation, weight_kn, True)
+        ctx.save_for_backward(x, weight, bias, pre)
+        ctx.args = (activation, weight_kn)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, pre = ctx.saved_tensors
+        grad_x, grad_w, grad_b = torch.ops.fastbert.triton_linear_act_bwd(
+            grad_out.contiguous(), x, weight, bias, pre, *ctx.args)
+        need = ctx.needs_input_grad
+        return (grad_x if need[0] else None, grad_w if need[1] else None,
+                grad_b if (bias is not None and need[2]) else None, None, None)
 
 
 def _fwd_fake(x, weight, bias, activation, weight_kn, gated, dropout_p, seed):
@@ -153,12 +238,17 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if decision.backend == "torch" or x.numel() == 0 or n == 0:
         return reference.linear_act(x, weight, bias, activation=activation, weight_layout=weight_layout,
                                     gated=gated, dropout_p=dropout_p, seed=seed)
-    # cpu (the only other backend these cases reach): weight goes as it is, a "kn" weight (or a
-    # transposed view of an nn.Linear one) is multiplied in place, never copied
+    # weight goes as it is: a "kn" weight (or a transposed view of an nn.Linear one) is multiplied in
+    # place, never copied
     x2 = x.reshape(-1, k)
     b = bias.contiguous() if bias is not None else None
     kn = weight_layout == "kn"
-    if C.needs_grad(x, weight, bias):
+    if decision.backend == "triton":
+        if C.needs_grad(x, weight, bias):
+            out = _TritonLinearActFn.apply(x2, weight, b, activation, kn)
+        else:
+            out = torch.ops.fastbert.triton_linear_act_fwd(x2, weight, b, activation, kn, False)[0]
+    elif C.needs_grad(x, weight, bias):
         out = _LinearActFn.apply(x2, weight, b, activation, kn, gated, dropout_p, seed)
     else:
         out = C.kernel("cpu", OP, "linear_act_fwd")(x2, weight, b, activation, kn, gated, dropout_p, seed)

@@ -86,6 +86,24 @@ def test_linear_act_dropout(backend, gated, dtype):
                    lead=(2,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize("act", ["relu", "silu", "none"])
+def test_linear_act_triton_plain(act, layout, dtype):
+    """Triton (interpreter, tiny shapes): linear_gelu's GEMM kernel with ReLU/SiLU in its epilogue, "kn" as a
+    strided view; bf16 tl.dot is wrong in the interpreter (checked on a GPU)."""
+    require_backend("triton", "cpu", ())
+    _run_and_check("triton", dtype, 7, 64, 64, act, layout, False, True)
+
+
+def test_linear_act_triton_opcheck():
+    require_backend("triton", "cpu", ())
+    x, w, b = torch.randn(7, 32), torch.randn(32, 64) / 6, torch.randn(64)
+    torch.library.opcheck(torch.ops.fastbert.triton_linear_act_fwd, (x, w, b, "silu", True, True))
+    pre = x @ w + b
+    torch.library.opcheck(torch.ops.fastbert.triton_linear_act_bwd, (torch.randn(7, 64), x, w, b, pre, "relu", True))
+
+
 def test_linear_act_dropout_mask_exact():
     require_backend("cpu", "cpu", KERNELS)
     x, w = torch.randn(7, 64), torch.randn(400, 64) / 8
@@ -145,20 +163,23 @@ def test_linear_act_defaults_are_linear_gelu():
 
 
 def test_linear_act_triton_cuda_refuse_with_reason():
-    """No Triton/CUDA kernel for linear_act's own cases: their checks refuse, naming what is not served,
-    so CUDA tensors fall to torch (never a silently different result); cpu serves them."""
+    """What has no kernel is refused with the reason, naming what is not served, so those inputs fall to
+    the next backend (CUDA tensors: torch), never a silently different result. cuda: every linear_act-only
+    case; triton: the gated form and dropout; cpu serves all."""
     mod = sys.modules["fastbert.ops.linear_act"]
     x = torch.randn(2, 2)
-    for backend in ("triton", "cuda"):
-        why = mod.DISPATCH.checks[backend](x=x, activation="silu", weight_layout="kn", gated=True, dropout_p=0.1)
-        assert len(why) == 1 and all(s in why[0] for s in ("activation='silu'", "weight_layout='kn'",
-                                                           "gated=True", "dropout_p > 0", "no linear_act kernel"))
-    assert mod.DISPATCH.checks["cpu"](x=x, activation="silu", weight_layout="kn", gated=True, dropout_p=0.1) == []
-    with fastbert.use_backend("triton"), pytest.raises(backends.BackendUnavailableError, match="no linear_act kernel"):
-        if backends.triton_status()[0] and backends.triton_interpreter():
-            linear_act(x, torch.randn(4, 2), activation="relu")
-        else:
-            raise backends.BackendUnavailableError("no linear_act kernel (triton unavailable here)")
+    kw = dict(x=x, activation="silu", weight_layout="kn", gated=True, dropout_p=0.1)
+    why = mod.DISPATCH.checks["cuda"](**kw)
+    assert len(why) == 1 and all(s in why[0] for s in ("activation='silu'", "weight_layout='kn'",
+                                                       "gated=True", "dropout_p > 0", "no linear_act kernel"))
+    why = mod.DISPATCH.checks["triton"](**kw)
+    assert len(why) == 1 and "gated=True, dropout_p > 0: no Triton linear_act kernel" in why[0]
+    assert mod.DISPATCH.checks["triton"](**dict(kw, gated=False, dropout_p=0.0)) == []
+    assert mod.DISPATCH.checks["cpu"](**kw) == []
+    if backends.triton_status()[0] and backends.triton_interpreter():
+        with fastbert.use_backend("triton"), pytest.raises(backends.BackendUnavailableError,
+                                                           match="no Triton linear_act kernel"):
+            linear_act(x, torch.randn(4, 2), activation="relu", gated=True)
 
 
 def test_linear_act_opcheck():
