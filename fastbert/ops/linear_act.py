@@ -4,10 +4,12 @@ for pre-norm models (GPT-2's Conv1D layout, ModernBERT's gated GLU, T5 v1.1's ga
 The cases fastbert.ops.linear_gelu serves (GELU exact/tanh, an nn.Linear weight, no gate, no dropout) go
 to linear_gelu itself: same kernels, same dispatch, nothing added. Every other case is dispatched here:
 cpu: fastbert._C's linear_act_fwd/_bwd (csrc/cpu/linear_act.cpp, row-blocked: the [M, 2N] gated product
-never exists in full; the backward recomputes h), under the Python autograd Function below; triton and
-cuda: no kernel yet, so their checks refuse with the reason (fastbert.explain() shows it) and on CUDA
-tensors the torch backend (fastbert/reference.py under autograd) runs: never a silently different
-result. Tests: tests/ops/test_linear_act.py.
+never exists in full; the backward recomputes h), under the Python autograd Function below; triton:
+the plain form (any activation, either layout) on linear_gelu's GEMM kernel (ACTIVATION 3/4 = ReLU/SiLU,
+a "kn" weight as a transposed view); the gated form and dropout on triton, and every case on cuda, have
+no kernel yet, so those checks refuse with the reason (fastbert.explain() shows it) and on CUDA tensors
+the torch backend (fastbert/reference.py under autograd) runs: never a silently different result.
+Tests: tests/ops/test_linear_act.py.
 """
 from __future__ import annotations
 
@@ -191,8 +193,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     dropout (fastbert.reference.dropout_keep over the output's row-major indices); the backward uses the
     same mask. Returns [..., N] in x's dtype.
     The linear_gelu cases (activation "none"/"tanh", "nk", gated=False, dropout_p=0) run
-    fastbert.ops.linear_gelu's kernels; the others run the cpu kernel on CPU tensors and the torch backend
-    on CUDA tensors for now (no Triton/CUDA kernel yet; explain() says why). fp32 is IEEE fp32 (no TF32);
+    fastbert.ops.linear_gelu's kernels; the others run the cpu kernel on CPU tensors; on CUDA tensors the
+    plain form runs Triton and the gated form / dropout the torch backend for now (explain() says why). fp32 is IEEE fp32 (no TF32);
     16-bit inputs accumulate in fp32 and round once.
     """
     op = OP
