@@ -194,8 +194,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     same mask. Returns [..., N] in x's dtype.
     The linear_gelu cases (activation "none"/"tanh", "nk", gated=False, dropout_p=0) run
     fastbert.ops.linear_gelu's kernels; the others run the cpu kernel on CPU tensors; on CUDA tensors the
-    plain form runs Triton and the gated form / dropout the torch backend for now (explain() says why). fp32 is IEEE fp32 (no TF32);
-    16-bit inputs accumulate in fp32 and round once.
+    plain form runs Triton and the gated form / dropout the torch backend for now (explain() says why).
+    fp32 is IEEE fp32 (no TF32); 16-bit inputs accumulate in fp32 and round once.
     """
     op = OP
     C.check_tensor("x", x, op=op)
