@@ -68,6 +68,16 @@ TORCH_LIBRARY(fastbert, m) {
       "linear_gelu_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor pre, "
       "str approximate) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
+  // linear_act (CPU only): dropout(act(h)) or, gated, dropout(act(h[:, :N]) * h[:, N:]), h = x @ W^T + b
+  // (weight [F, K]) or x @ W + b (weight_kn: weight [K, F]); activation "none" (erf GELU), "tanh", "relu",
+  // "silu"; dropout over the [M, N] output's row-major indices. The backward recomputes h from x.
+  m.def(
+      "linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, bool weight_kn, bool gated, "
+      "float dropout_p, Tensor? seed) -> Tensor");
+  m.def(
+      "linear_act_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, str activation, bool weight_kn, "
+      "bool gated, float dropout_p, Tensor? seed) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
   // Rotary position embedding (rotate_half convention): q_out = q * cos + rotate_half(q) * sin, the same for k,
   // in fp32, rounded once; outputs contiguous. Padded: q [B, S, H, D], k [B, S, Hk, D] (strided, unit stride
   // along D); cos/sin contiguous, fp32 or q's dtype: [R, D] (row s, R >= S), [1 or B, S, D], or with

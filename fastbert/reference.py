@@ -124,6 +124,40 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
+ACTIVATIONS = ("none", "tanh", "relu", "silu")  # linear_act: exact GELU, tanh GELU, ReLU, SiLU
+
+
+def apply_activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    if act in ("none", "tanh"):
+        return F.gelu(x, approximate=act)
+    if act == "relu":
+        return F.relu(x)
+    if act == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               activation: str = "none", weight_layout: str = "nk", gated: bool = False,
+               dropout_p: float = 0.0, seed=None) -> torch.Tensor:
+    """act(x W^T + b), W [F, K] ("nk", nn.Linear) or given as [K, F] ("kn", GPT-2's Conv1D, used as
+    x @ W: no transposed copy). gated: F = 2N, h = x W^T + b, out = act(h[..., :N]) * h[..., N:]
+    (ModernBertMLP: `input, gate = Wi(x).chunk(2)`, `act(input) * gate`). Dropout after that, offsets
+    the row-major linear indices of the [rows, N] output."""
+    act = activation
+    h = F.linear(x, weight, bias) if weight_layout == "nk" else (
+        torch.matmul(x, weight) if bias is None else torch.matmul(x, weight) + bias)
+    if gated:
+        a, lin = h.chunk(2, dim=-1)
+        h = apply_activation(a, act) * lin
+    else:
+        h = apply_activation(h, act)
+    if dropout_p > 0.0:
+        offsets = torch.arange(h.numel(), device=h.device).reshape(h.shape)
+        h = _apply_dropout(h, dropout_p, seed, offsets)
+    return h
+
+
 # attn_bias values below this mask their key (every backend: see fastbert/triton/attention.py)
 BIAS_MASKED = -1.0e20
 

@@ -384,15 +384,18 @@ def linear_gelu_variants(which: str, cover: str, archs) -> List[Variant]:
             cs = {configs.gemm(fam, dtype, mb, tanh) for mb in configs.ROW_BUCKETS}
             return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
                     for c in cs}
-        # activations: identity (the fp32 backward GEMMs, no bias), exact and tanh GELU
+        # activations: identity (the fp32 backward GEMMs, no bias), exact and tanh GELU, and linear_act's
+        # ReLU (3) and SiLU (4)
         fsets = [dict(ACTIVATION=0, HAS_BIAS=False, SAVE_PRE=False)]
         if cover == "all":
-            for act in (1, 2):
+            for act in (1, 2, 3, 4):
                 fsets += [dict(f, ACTIVATION=act) for f in _flag_sets(names, lambda f: True, "all")]
         else:
             fsets += [dict(ACTIVATION=1, HAS_BIAS=True, SAVE_PRE=True),
                       dict(ACTIVATION=1, HAS_BIAS=True, SAVE_PRE=False),
-                      dict(ACTIVATION=2, HAS_BIAS=False, SAVE_PRE=False)]
+                      dict(ACTIVATION=2, HAS_BIAS=False, SAVE_PRE=False),
+                      dict(ACTIVATION=3, HAS_BIAS=True, SAVE_PRE=True),
+                      dict(ACTIVATION=4, HAS_BIAS=True, SAVE_PRE=True)]
         for f, arch in itertools.product(fsets, _own_arch(fam, archs)):
             for bm, bn, bk, w, s in sorted(tiles_for(f["ACTIVATION"] == 2)):
                 consts = dict(f, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=configs.GROUP_M)
@@ -431,7 +434,9 @@ def model_variants(archs) -> List[Variant]:
             for dtype, f in (("bf16", dict(ACTIVATION=1, HAS_BIAS=True, SAVE_PRE=True)),
                              ("fp16", dict(ACTIVATION=1, HAS_BIAS=True, SAVE_PRE=False)),
                              ("fp32", dict(ACTIVATION=0, HAS_BIAS=False, SAVE_PRE=False)),
-                             ("fp32", dict(ACTIVATION=2, HAS_BIAS=True, SAVE_PRE=True))):
+                             ("fp32", dict(ACTIVATION=2, HAS_BIAS=True, SAVE_PRE=True)),
+                             ("bf16", dict(ACTIVATION=4, HAS_BIAS=True, SAVE_PRE=True)),
+                             ("fp32", dict(ACTIVATION=3, HAS_BIAS=False, SAVE_PRE=True))):
                 c = configs.gemm(fam, dtype, 4096, tanh=f["ACTIVATION"] == 2)
                 consts = dict(f, IEEE=dtype == "fp32", **c.kwargs)
                 out.append(Variant("_linear_gelu_fwd_kernel", arch, dtype, tuple(consts.items()), c.num_warps,

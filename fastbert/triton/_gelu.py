@@ -40,7 +40,10 @@ def _exp(x):
 ACT_IDENTITY = 0
 ACT_GELU_ERF = 1
 ACT_GELU_TANH = 2
+ACT_RELU = 3  # linear_act only
+ACT_SILU = 4  # linear_act only
 ACTIVATION = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}
+LINEAR_ACT = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH, "relu": ACT_RELU, "silu": ACT_SILU}
 
 # Globals read inside @triton.jit must be tl.constexpr (the interpreter does not enforce it; the
 # compiler does).

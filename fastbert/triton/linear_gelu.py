@@ -22,6 +22,7 @@ from fastbert import _runtime
 from fastbert.triton import configs
 from fastbert.triton._gelu import ACT_IDENTITY
 from fastbert.triton._gelu import ACTIVATION as _ACTIVATIONS
+from fastbert.triton._gelu import LINEAR_ACT as _LINEAR_ACT
 from fastbert.triton._gelu import gelu as _gelu
 from fastbert.triton._gelu import on_device as _on_device
 
@@ -43,7 +44,7 @@ def _linear_gelu_fwd_kernel(
     stride_xm, stride_xk,  # X strides
     stride_wn, stride_wk,  # W strides
     stride_om, stride_on,  # OUT/PRE strides
-    ACTIVATION: tl.constexpr,  # 0 identity, 1 exact erf GELU, 2 tanh GELU
+    ACTIVATION: tl.constexpr,  # 0 identity, 1 exact erf GELU, 2 tanh GELU, 3 ReLU, 4 SiLU (linear_act)
     HAS_BIAS: tl.constexpr,  # add B in the epilogue
     SAVE_PRE: tl.constexpr,  # also store the pre-activation (for the backward pass)
     IEEE: tl.constexpr,  # fp32 inputs: IEEE products, never TF32
@@ -100,6 +101,10 @@ def _linear_gelu_fwd_kernel(
         acc = _gelu(acc, False)
     elif ACTIVATION == 2:
         acc = _gelu(acc, True)
+    elif ACTIVATION == 3:
+        acc = tl.maximum(acc, 0.0)
+    elif ACTIVATION == 4:
+        acc = acc / (1.0 + tl.exp(-acc))
     tl.store(OUT + out_off, acc.to(OUT.dtype.element_ty), mask=mask)
 
 # FASTBERT_AUTOTUNE=1: configs.py's candidates, timed per shape bucket, results kept on disk
@@ -144,6 +149,13 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     out: torch.Tensor, pre: Optional[torch.Tensor]) -> torch.Tensor:
     """out[:] = gelu(x @ weight^T + bias) in one GEMM; pre (if given) gets x @ weight^T + bias."""
     return _gemm(x, weight, bias, out, pre, _ACTIVATIONS[approximate])
+
+
+def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                   weight_kn: bool, out: torch.Tensor, pre: Optional[torch.Tensor]) -> torch.Tensor:
+    """linear_act's plain (ungated, no dropout) form: out[:] = act(x @ W^T + bias), W = weight ("nk") or
+    weight^T as a strided view ("kn", weight [K, N]: no copy); act: "none", "tanh", "relu", "silu"."""
+    return _gemm(x, weight.t() if weight_kn else weight, bias, out, pre, _LINEAR_ACT[activation])
 
 
 def matmul_ieee(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
